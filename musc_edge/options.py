@@ -1,0 +1,44 @@
+"""Click options shared by several commands, defined once so they mean the same everywhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .errors import InputError
+
+
+def parse_int_list(text: str, name: str) -> tuple[int, ...]:
+    """Parse '1,3,5' into (1, 3, 5); a clear error names the flag otherwise."""
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise InputError(f"{name} expects comma-separated integers such as 1,3,5, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise InputError(f"{name} expects positive integers such as 1,3,5, got {text!r}")
+    return values
+
+
+def _int_list(name: str):
+    def convert(ctx: click.Context, param: click.Parameter, value: str | None):
+        return None if value is None else parse_int_list(value, name)
+
+    return convert
+
+
+model_option = click.option(
+    "--model", "model_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+    help="Exported model: FILE.onnx (ONNX Runtime) or FILE.engine (TensorRT).")
+device_option = click.option(
+    "--device", default="auto", show_default=True,
+    help="auto | cpu | cuda | tensorrt (ONNX Runtime providers; auto = TensorRT > CUDA > CPU).")
+batch_option = click.option("--batch", default=8, show_default=True, type=click.IntRange(1, 1024),
+                            help="Images per backbone batch.")
+r_option = click.option("--r", "r_list", default="1,3,5", show_default=True, callback=_int_list("--r"),
+                        help="LNAMD aggregation degrees.")
+k_option = click.option("--k", "k_list", default="1,2,3", show_default=True, callback=_int_list("--k"),
+                        help="RsCIN neighbourhood sizes (1,8,9 for VisA-like sets).")
+out_option = click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+                          help="Output folder (created if missing).")
+heatmaps_option = click.option("--heatmaps", is_flag=True, help="Write heatmap overlays at the original size.")

@@ -1,0 +1,1 @@
+"""Lean runtime: numpy, OpenCV and ONNX Runtime or TensorRT. Never imports torch."""
