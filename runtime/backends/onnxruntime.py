@@ -1,0 +1,138 @@
+"""ONNX Runtime backend: device names mapped to execution providers, a session tuned for speed.
+
+``--device`` means the same for every command (``musc_edge/options.py``):
+``auto`` = TensorRT > CUDA > CPU among the providers this ONNX Runtime build has; ``cpu``,
+``cuda`` and ``tensorrt`` ask for one, with the slower ones behind it as fallbacks for operators
+the fast one cannot run. An explicit choice that this build lacks is a :class:`DeviceError` that
+lists what is available (``pip install 'musc-edge[gpu]'`` brings CUDA and TensorRT).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from musc_edge.errors import DeviceError, ModelError
+from musc_edge.meta import ModelMeta
+
+from .base import Backend
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
+#: Device name -> providers in order of preference (the first one must be available).
+DEVICE_PROVIDERS: dict[str, tuple[str, ...]] = {
+    "cpu": (CPU,),
+    "cuda": (CUDA, CPU),
+    "tensorrt": (TENSORRT, CUDA, CPU),
+}
+DEVICES = ("auto",) + tuple(DEVICE_PROVIDERS)
+
+
+def default_trt_cache_dir() -> Path:
+    """Where the TensorRT EP keeps built engines: the user cache, never the working directory."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "musc-edge" / "trt"
+
+
+def resolve_providers(device: str, available: Sequence[str], *, trt_cache_dir: str | Path | None = None,
+                      trt_fp16: bool = False) -> list[tuple[str, dict[str, Any]]]:
+    """Map a device name onto ONNX Runtime ``(provider, options)`` pairs, best first.
+
+    Pure function of ``available`` (``onnxruntime.get_available_providers()``) so it can be tested
+    without a GPU.
+    """
+    name = (device or "auto").strip().lower()
+    if name == "gpu":
+        name = "cuda"
+    if name not in DEVICES:
+        raise DeviceError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    if name == "auto":
+        wanted = next((p for p in (TENSORRT, CUDA, CPU) if p in available), None)
+        if wanted is None:
+            raise DeviceError(f"this ONNX Runtime has none of TensorRT, CUDA, CPU providers "
+                              f"(available: {', '.join(available) or 'none'})")
+        chain = DEVICE_PROVIDERS[{TENSORRT: "tensorrt", CUDA: "cuda", CPU: "cpu"}[wanted]]
+    else:
+        chain = DEVICE_PROVIDERS[name]
+        if chain[0] not in available:
+            usable = [d for d, c in DEVICE_PROVIDERS.items() if c[0] in available]
+            raise DeviceError(f"device {name!r} needs {chain[0]}, which this ONNX Runtime lacks "
+                              f"(available devices: auto, {', '.join(usable)}; providers: "
+                              f"{', '.join(available)}); install onnxruntime-gpu or pick another --device")
+    providers: list[tuple[str, dict[str, Any]]] = []
+    for p in chain:
+        if p not in available:
+            continue
+        options: dict[str, Any] = {}
+        if p == TENSORRT:
+            cache = Path(trt_cache_dir) if trt_cache_dir else default_trt_cache_dir()
+            options = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+                       "trt_fp16_enable": bool(trt_fp16)}
+        providers.append((p, options))
+    return providers
+
+
+def session_options(threads: int | None = None):
+    """Session options tuned for CPU speed: full graph optimisation, sequential execution."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = int(threads or 0)  # 0 = one per physical core
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3  # errors only: keep stderr for our progress bar
+    return so
+
+
+def open_session(path: str | Path, providers: Sequence[tuple[str, dict[str, Any]]] = ((CPU, {}),),
+                 threads: int | None = None, optimize: bool = True):
+    """``onnxruntime.InferenceSession`` for a file, with a one-line ModelError if it is no model."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"model file not found: {path}; export one with `musc-edge export`")
+    so = session_options(threads)
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    for _, options in providers:
+        if "trt_engine_cache_path" in options:
+            Path(options["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
+    try:
+        return ort.InferenceSession(str(path), sess_options=so, providers=[p for p, _ in providers],
+                                    provider_options=[o for _, o in providers])
+    except Exception as e:  # ORT raises its own Fail/InvalidProtobuf/... classes
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{path} is not a loadable ONNX model ({reason[:200]})") from None
+
+
+class OnnxRuntimeBackend(Backend):
+    """A model run by ONNX Runtime on the providers that ``device`` maps to."""
+
+    def __init__(self, path: str | Path, meta: ModelMeta, session) -> None:
+        super().__init__(meta)
+        self.path = Path(path)
+        self.session = session
+        self.providers = tuple(session.get_providers())
+        self.description = f"onnxruntime {_ort_version()}: {', '.join(self.providers)}"
+
+    def run(self, batch: np.ndarray) -> Mapping[str, np.ndarray]:
+        names = list(self.meta.output_names)
+        values = self.session.run(names, {self.meta.input_name: batch})
+        return dict(zip(names, values))
+
+    def close(self) -> None:
+        self.session = None
+        super().close()
+
+
+def _ort_version() -> str:
+    import onnxruntime as ort
+
+    return ort.__version__

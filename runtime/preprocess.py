@@ -1,0 +1,311 @@
+"""Image decoding and backbone preprocessing with OpenCV and numpy (no torch, no PIL).
+
+Two steps, both driven by the model's metadata (:class:`musc_edge.meta.ModelMeta`):
+
+* :func:`decode_image` turns the bytes of a jpg/png/bmp/tiff file into an (H, W, 3) uint8 RGB array:
+  gray is replicated, alpha is dropped (as PIL's ``convert("RGB")`` in open_clip does), 16-bit is
+  scaled to 8-bit by full range (x * 255 / 65535, the same for every image so that mutual scoring
+  compares like with like), and anything unreadable raises :class:`ImageDecodeError` with a
+  one-line reason.
+* :func:`preprocess` resizes to a square S x S (the aspect ratio is *not* kept, MUSC_SPEC 1, as
+  MuSc's released code does), scales to [0, 1] and normalises with the model's mean/std.
+
+Why a hand-written resampler instead of ``cv2.resize``: MuSc and open_clip resize PIL images, and
+PIL's bicubic filter differs from OpenCV's (a = -0.5 against -0.75) and, unlike OpenCV, widens its
+kernel when it shrinks an image (antialiasing). Line images are usually shrunk 2-3x to 224, where
+``cv2.INTER_CUBIC`` lands 0.1-0.3 away from open_clip's tensor (after normalisation); reproducing
+PIL's separable fixed-point resampling here gives the same uint8 pixels as PIL, so the tensors agree
+to float rounding (see ``tests/unit/runtime/test_preprocess.py`` and ``docs/runtime.md``).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from functools import lru_cache
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from musc_edge.errors import ImageDecodeError, InputError
+from musc_edge.meta import ModelMeta
+
+#: File name suffixes we read (lower case).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+#: Largest image (in pixels) we decode; override with MUSC_EDGE_MAX_PIXELS or ``max_pixels=``.
+DEFAULT_MAX_PIXELS = 100_000_000
+
+# PIL's fixed-point resampling (libImaging/Resample.c): 8-bit pixels, 22-bit coefficients.
+_PRECISION_BITS = 32 - 8 - 2
+
+
+def max_pixels_limit() -> int:
+    """The pixel limit for one image: MUSC_EDGE_MAX_PIXELS if set, else DEFAULT_MAX_PIXELS."""
+    text = os.environ.get("MUSC_EDGE_MAX_PIXELS", "")
+    try:
+        return int(text) if text else DEFAULT_MAX_PIXELS
+    except ValueError:
+        raise InputError(f"MUSC_EDGE_MAX_PIXELS must be an integer, got {text!r}") from None
+
+
+# --------------------------------------------------------------------------------------------- decode
+def decode_image(path: str | Path, *, max_pixels: int | None = None) -> np.ndarray:
+    """Read an image file into an (H, W, 3) uint8 RGB array, or raise ImageDecodeError (one line)."""
+    path = Path(path)
+    return decode_bytes(_read(path), name=str(path), max_pixels=max_pixels)
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ImageDecodeError(f"{path}: cannot read file ({e.strerror or e})") from None
+
+
+def _decode_native(data: bytes, *, name: str, max_pixels: int | None) -> np.ndarray:
+    """Checked ``cv2.imdecode(IMREAD_UNCHANGED)``: the array as stored (gray stays 2-D, BGR order)."""
+    limit = max_pixels_limit() if max_pixels is None else int(max_pixels)
+    if len(data) == 0:
+        raise ImageDecodeError(f"{name}: empty file")
+    kind = _sniff_format(data)
+    if kind is None:
+        raise ImageDecodeError(f"{name}: not a jpg/png/bmp/tiff image")
+    if _is_truncated(data, kind):
+        raise ImageDecodeError(f"{name}: truncated {kind} file")
+    size = _header_size(data, kind)
+    if size is not None:
+        _check_pixels(size[0], size[1], limit, name)
+    buf = np.frombuffer(data, dtype=np.uint8)
+    try:
+        image = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    except cv2.error as e:
+        raise ImageDecodeError(f"{name}: corrupt {kind} data ({_first_line(str(e))})") from None
+    if image is None or image.size == 0:
+        raise ImageDecodeError(f"{name}: corrupt {kind} data (OpenCV could not decode it)")
+    _check_pixels(image.shape[1], image.shape[0], limit, name)
+    return image
+
+
+def decode_bytes(data: bytes, *, name: str = "image", max_pixels: int | None = None) -> np.ndarray:
+    """Decode encoded image bytes (see :func:`decode_image`)."""
+    return to_rgb8(_decode_native(data, name=name, max_pixels=max_pixels), name=name)
+
+
+def to_rgb8(image: np.ndarray, *, name: str = "image") -> np.ndarray:
+    """Convert what ``cv2.imdecode(..., IMREAD_UNCHANGED)`` returns into (H, W, 3) uint8 RGB."""
+    image = _to_uint8(image, name)
+    if image.ndim == 2:
+        return np.ascontiguousarray(np.repeat(image[:, :, None], 3, axis=2))
+    if image.ndim != 3:
+        raise ImageDecodeError(f"{name}: unsupported image shape {image.shape}")
+    channels = image.shape[2]
+    if channels == 1:
+        return np.ascontiguousarray(np.repeat(image, 3, axis=2))
+    if channels == 2:  # gray + alpha: drop alpha
+        return np.ascontiguousarray(np.repeat(image[:, :, :1], 3, axis=2))
+    if channels == 3:
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    if channels == 4:  # BGRA: drop alpha, as PIL's convert("RGB") does
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
+    raise ImageDecodeError(f"{name}: unsupported channel count {channels}")
+
+
+def _to_uint8(image: np.ndarray, name: str) -> np.ndarray:
+    if image.dtype == np.uint8:
+        return image
+    if image.dtype == np.uint16:  # full-range scaling, identical for every image of a pool
+        return ((image.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    if image.dtype == np.int8:
+        return (image.astype(np.int16) + 128).astype(np.uint8)
+    if image.dtype == np.int16:
+        return ((image.astype(np.int32) + 32768) * 255 // 65535).astype(np.uint8)
+    if np.issubdtype(image.dtype, np.floating):  # float TIFF: taken as [0, 1]
+        clean = np.nan_to_num(image.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+        return np.clip(np.rint(clean * 255.0), 0, 255).astype(np.uint8)
+    raise ImageDecodeError(f"{name}: unsupported pixel type {image.dtype}")
+
+
+def _check_pixels(width: int, height: int, limit: int, name: str) -> None:
+    if width <= 0 or height <= 0:
+        raise ImageDecodeError(f"{name}: invalid image size {width}x{height}")
+    if width * height > limit:
+        raise ImageDecodeError(
+            f"{name}: image of {width}x{height} = {width * height} pixels is over the limit of {limit}; "
+            "shrink it or raise MUSC_EDGE_MAX_PIXELS")
+
+
+def _first_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "unknown error"
+
+
+def _sniff_format(data: bytes) -> str | None:
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:2] == b"BM":
+        return "bmp"
+    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "tiff"
+    return None
+
+
+def _is_truncated(data: bytes, kind: str) -> bool:
+    """Cheap end-of-stream checks: OpenCV happily decodes a cut JPEG into a half-grey image."""
+    if kind == "jpeg":
+        return b"\xff\xd9" not in data[-1024:]
+    if kind == "png":
+        return b"IEND" not in data[-64:]
+    if kind == "bmp" and len(data) >= 6:
+        declared = struct.unpack("<I", data[2:6])[0]
+        return declared > len(data)
+    return False
+
+
+def _header_size(data: bytes, kind: str) -> tuple[int, int] | None:
+    """(width, height) from the file header, to refuse huge images before decoding them."""
+    try:
+        if kind == "png" and len(data) >= 24:
+            return struct.unpack(">II", data[16:24])
+        if kind == "bmp" and len(data) >= 26:
+            w, h = struct.unpack("<ii", data[18:26])
+            return abs(w), abs(h)
+        if kind == "jpeg":
+            return _jpeg_size(data)
+    except struct.error:
+        return None
+    return None  # tiff: checked after decoding
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    i = 2
+    n = len(data)
+    while i + 9 < n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        length = struct.unpack(">H", data[i + 2:i + 4])[0]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            h, w = struct.unpack(">HH", data[i + 5:i + 9])
+            return w, h
+        i += 2 + length
+    return None
+
+
+# ----------------------------------------------------------------------------------------- preprocess
+def preprocess(image_rgb: np.ndarray, meta: ModelMeta) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> (3, S, S) float32 backbone input (MUSC_SPEC 1).
+
+    Square resize (aspect not kept) with ``meta.interpolation``, /255, then (x - mean) / std.
+    """
+    if image_rgb.dtype != np.uint8 or image_rgb.ndim != 3 or image_rgb.shape[2] != 3:
+        raise InputError(f"preprocess expects an (H, W, 3) uint8 RGB image, got {image_rgb.dtype} "
+                         f"{image_rgb.shape}; decode it with decode_image")
+    return _normalise(resize_like_pil(image_rgb, meta.image_size, meta.image_size, meta.interpolation), meta)
+
+
+def load_input(path: str | Path, meta: ModelMeta, *, max_pixels: int | None = None
+               ) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode and preprocess one file: ((3, S, S) float32, original (h, w)).
+
+    Equal to ``preprocess(decode_image(path), meta)``, but a gray image is resized as one channel
+    and replicated afterwards (3x less work for the gray line cameras common in inspection).
+    """
+    path = Path(path)
+    name = str(path)
+    native = _decode_native(_read(path), name=name, max_pixels=max_pixels)
+    hw = (int(native.shape[0]), int(native.shape[1]))
+    size = meta.image_size
+    if native.ndim == 2 or (native.ndim == 3 and native.shape[2] == 1):
+        gray = _to_uint8(native.reshape(hw), name)[:, :, None]
+        resized = np.repeat(resize_like_pil(gray, size, size, meta.interpolation), 3, axis=2)
+    else:
+        resized = resize_like_pil(to_rgb8(native, name=name), size, size, meta.interpolation)
+    return _normalise(resized, meta), hw
+
+
+def _normalise(resized: np.ndarray, meta: ModelMeta) -> np.ndarray:
+    """(S, S, 3) uint8 -> (3, S, S) float32: x / 255, then (x - mean) / std, as torchvision does."""
+    mean = np.asarray(meta.mean, dtype=np.float32)
+    std = np.asarray(meta.std, dtype=np.float32)
+    out = (resized.astype(np.float32) / np.float32(255.0) - mean) / std
+    return np.ascontiguousarray(out.transpose(2, 0, 1))
+
+
+def resize_like_pil(image: np.ndarray, width: int, height: int, interpolation: str = "bicubic") -> np.ndarray:
+    """Resize (H, W, C) uint8 exactly as PIL's ``Image.resize`` with BICUBIC or BILINEAR does.
+
+    PIL resamples separably, horizontal pass first, with a kernel widened by the shrink factor
+    (antialiasing) and 22-bit fixed-point coefficients, rounding to uint8 after each pass.
+    """
+    if interpolation not in _FILTERS:
+        raise InputError(f"unknown resize interpolation {interpolation!r}; expected one of "
+                         f"{', '.join(sorted(_FILTERS))}")
+    out = image
+    if out.shape[1] != width:
+        idx, coeffs = _pil_coefficients(out.shape[1], width, interpolation)
+        out = _resample_axis(out, idx, coeffs, axis=1)
+    if out.shape[0] != height:
+        idx, coeffs = _pil_coefficients(out.shape[0], height, interpolation)
+        out = _resample_axis(out, idx, coeffs, axis=0)
+    return out
+
+
+def _bicubic(x: np.ndarray) -> np.ndarray:
+    a = -0.5
+    x = np.abs(x)
+    return np.where(x < 1.0, ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0,
+                    np.where(x < 2.0, (((x - 5.0) * x + 8.0) * x - 4.0) * a, 0.0))
+
+
+def _triangle(x: np.ndarray) -> np.ndarray:
+    x = np.abs(x)
+    return np.where(x < 1.0, 1.0 - x, 0.0)
+
+
+_FILTERS = {"bicubic": (_bicubic, 2.0), "bilinear": (_triangle, 1.0)}
+
+
+@lru_cache(maxsize=64)
+def _pil_coefficients(in_size: int, out_size: int, interpolation: str) -> tuple[np.ndarray, np.ndarray]:
+    """Source indices (out, K) and int32 fixed-point weights (out, K), as PIL's precompute_coeffs."""
+    kernel, support = _FILTERS[interpolation]
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = support * filterscale
+    ksize = int(np.ceil(support)) * 2 + 1
+    idx = np.zeros((out_size, ksize), dtype=np.intp)
+    weights = np.zeros((out_size, ksize), dtype=np.float64)
+    for xx in range(out_size):
+        center = (xx + 0.5) * scale
+        xmin = max(int(center - support + 0.5), 0)  # int() truncates toward zero, as C does
+        xmax = min(int(center + support + 0.5), in_size) - xmin
+        taps = np.arange(xmax)
+        w = kernel((taps + xmin - center + 0.5) / filterscale)
+        total = w.sum()
+        if total != 0.0:
+            w = w / total
+        weights[xx, :xmax] = w
+        idx[xx, :xmax] = taps + xmin
+        idx[xx, xmax:] = xmin  # padded taps have weight 0
+    fixed = np.where(weights < 0, -0.5 + weights * (1 << _PRECISION_BITS),
+                     0.5 + weights * (1 << _PRECISION_BITS))
+    return idx, np.trunc(fixed).astype(np.int32)
+
+
+def _resample_axis(image: np.ndarray, idx: np.ndarray, coeffs: np.ndarray, axis: int) -> np.ndarray:
+    """One PIL resampling pass along ``axis`` (0 = rows, 1 = columns) of an (H, W, C) uint8 image."""
+    src = np.ascontiguousarray(np.moveaxis(image, axis, 0))  # (in, other, C): gathers copy whole rows
+    acc = np.full((idx.shape[0],) + src.shape[1:], 1 << (_PRECISION_BITS - 1), dtype=np.int32)
+    for t in range(idx.shape[1]):
+        k = coeffs[:, t]
+        if not k.any():
+            continue
+        acc += src[idx[:, t]].astype(np.int32) * k[:, None, None]
+    out = np.clip(acc >> _PRECISION_BITS, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(np.moveaxis(out, 0, axis))
