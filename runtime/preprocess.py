@@ -31,8 +31,6 @@ import numpy as np
 from musc_edge.errors import ImageDecodeError, InputError
 from musc_edge.meta import ModelMeta
 
-#: File name suffixes we read (lower case).
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 #: Largest image (in pixels) we decode; override with MUSC_EDGE_MAX_PIXELS or ``max_pixels=``.
 DEFAULT_MAX_PIXELS = 100_000_000
 

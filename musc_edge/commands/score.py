@@ -1,0 +1,73 @@
+"""``musc-edge score``: score a folder of images offline with MuSc."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from musc_edge.options import (batch_option, device_option, heatmaps_option, k_option, model_option, out_option,
+                               r_option)
+
+
+@click.command(name="score")
+@click.argument("data_dir", metavar="DIR", type=click.Path(path_type=Path))
+@model_option
+@out_option
+@batch_option
+@r_option
+@k_option
+@click.option("--gt", default="auto", show_default=True, metavar="auto|none|MASKDIR",
+              help="Ground truth: auto (labels and masks of an MVTec-style category), none, or a folder of "
+                   "<stem>_mask.png masks.")
+@heatmaps_option
+@device_option
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Threads decoding images ahead of the model.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def score(data_dir: Path, model_path: Path, out_dir: Path, batch: int, r_list: tuple[int, ...],
+          k_list: tuple[int, ...], gt: str, heatmaps: bool, device: str, workers: int, quiet: bool) -> None:
+    """Score every image of DIR against the others (MuSc, zero-shot) and write the results.
+
+    DIR is a flat folder of images (jpg/png/bmp/tiff) or an MVTec-style category
+    (DIR/test/<type>/, DIR/ground_truth/<type>/<stem>_mask.png; `good` images are normal).
+    Writes OUT/scores.csv, OUT/run.json, OUT/metrics.json (when ground truth exists) and, with
+    --heatmaps, OUT/maps/<type>/<stem>.png overlays at the original image size.
+
+    Example: musc-edge score data/magnetic_tile --model effnet.onnx --out results --heatmaps
+    """
+    from musc_edge.batch import ScoreSettings, score_folder
+
+    settings = ScoreSettings(batch_size=batch, r_list=r_list, k_list=k_list, gt=gt, heatmaps=heatmaps,
+                             device=device, workers=workers, progress=not quiet)
+    result = score_folder(data_dir, model_path, out_dir, settings)
+    click.echo(format_summary(result.run, result.metrics, result.out_dir, result.files))
+
+
+def format_summary(run: dict, metrics: dict | None, out_dir: Path, files: dict[str, str]) -> str:
+    """A short table of what was done, how long it took and how well it scored."""
+    counts, t = run["counts"], run["timings_s"]
+    meta = run["model"]["meta"]
+    lines = [f"scored {counts['scored']} of {counts['found']} images ({counts['skipped']} skipped) with "
+             f"{meta['backbone']} @ {meta['image_size']} on {run['model']['backend']}"]
+    if run["model"]["random_weights"]:
+        lines.append("WARNING: random-weights model: these scores mean nothing")
+    rate = run.get("images_per_s_features")
+    lines.append(f"  {'stage':<10}{'seconds':>9}")
+    lines.append(f"  {'features':<10}{t.get('features_wall_s', 0):>9.2f}" + (f"   ({rate} images/s)" if rate else ""))
+    for key, label in (("score_s", "score"), ("heatmaps_s", "heatmaps"), ("metrics_s", "metrics"),
+                       ("total_s", "total")):
+        if key in t:
+            lines.append(f"  {label:<10}{t[key]:>9.2f}")
+    if metrics:
+        image, pixel = metrics.get("image") or {}, metrics.get("pixel") or {}
+        lines.append(f"  {'metric':<10}{'image':>9}{'pixel':>9}")
+        for key in ("auroc", "ap", "f1_max", "aupro"):
+            lines.append(f"  {key:<10}{_fmt(image.get(key)):>9}{_fmt(pixel.get(key)):>9}")
+    lines.append(f"results in {out_dir}: " + ", ".join(Path(v).name + ("/" if k == "maps" else "")
+                                                   for k, v in files.items()))
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"

@@ -1,0 +1,175 @@
+"""Batched feature extraction that decodes the next batch while the model runs on this one.
+
+A background thread reads, decodes and preprocesses files (:func:`iter_input_batches`) into a
+small queue; the calling thread runs the model on each batch as it arrives
+(:func:`iter_features`). OpenCV and numpy release the GIL for the heavy work, so decoding and
+inference overlap. At most ``prefetch + 1`` preprocessed batches exist at once: memory stays
+bounded however long the list of paths is, and decoded images are never kept.
+
+An unreadable file (empty, corrupt, truncated, not an image, too large) is skipped: it is reported
+in ``Batch.skipped`` with its one-line reason and never stops the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from musc_edge.errors import ImageDecodeError
+from musc_edge.meta import ModelMeta
+from musc_edge.types import Features
+
+from .preprocess import load_input
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InputBatch:
+    """Preprocessed images ready for the model.
+
+    inputs: (B, 3, S, S) float32 (B may be 0 when every file of this stretch was skipped).
+    paths, sizes: the files and their original (h, w), in input order.
+    skipped: (path, reason) for the files of this stretch that could not be read.
+    decode_s: seconds spent reading, decoding and preprocessing this batch.
+    """
+
+    inputs: np.ndarray
+    paths: tuple[Path, ...]
+    sizes: tuple[tuple[int, int], ...]
+    skipped: tuple[tuple[Path, str], ...] = ()
+    decode_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Features of one batch: ``features`` is None when the batch holds no readable image."""
+
+    paths: tuple[Path, ...]
+    sizes: tuple[tuple[int, int], ...]
+    features: Features | None
+    skipped: tuple[tuple[Path, str], ...] = ()
+    decode_s: float = 0.0
+    infer_s: float = 0.0
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def iter_input_batches(paths: Iterable[str | Path], meta: ModelMeta, batch_size: int, *, workers: int = 1,
+                       max_pixels: int | None = None) -> Iterator[InputBatch]:
+    """Decode and preprocess ``paths`` into batches of ``batch_size`` readable images (in order)."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+
+    def load(path: Path):
+        t0 = time.perf_counter()
+        try:
+            array, hw = load_input(path, meta, max_pixels=max_pixels)
+            return path, array, hw, None, time.perf_counter() - t0
+        except ImageDecodeError as e:
+            reason = str(e).removeprefix(f"{path}: ")
+            return path, None, None, reason, time.perf_counter() - t0
+
+    pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+    try:
+        path_iter = (Path(p) for p in paths)
+        results = pool.map(load, path_iter) if pool else map(load, path_iter)
+        arrays: list[np.ndarray] = []
+        good: list[Path] = []
+        sizes: list[tuple[int, int]] = []
+        skipped: list[tuple[Path, str]] = []
+        spent = 0.0
+        for path, array, hw, reason, dt in results:
+            spent += dt
+            if reason is not None:
+                log.warning("skipped %s: %s", path, reason)
+                skipped.append((path, reason))
+            else:
+                arrays.append(array)
+                good.append(path)
+                sizes.append(hw)
+            if len(arrays) == batch_size:
+                yield InputBatch(np.stack(arrays), tuple(good), tuple(sizes), tuple(skipped), spent)
+                arrays, good, sizes, skipped, spent = [], [], [], [], 0.0
+        if arrays or skipped:
+            s = meta.image_size
+            inputs = np.stack(arrays) if arrays else np.zeros((0, 3, s, s), np.float32)
+            yield InputBatch(inputs, tuple(good), tuple(sizes), tuple(skipped), spent)
+    finally:
+        if pool:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+_DONE = object()
+
+
+def prefetch(iterator: Iterator, depth: int = 2) -> Iterator:
+    """Run ``iterator`` in a background thread, ``depth`` items ahead of the consumer.
+
+    Exceptions raised by the producer are re-raised in the consumer; closing the consumer stops
+    the producer.
+    """
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in iterator:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            item = _DONE
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            item = e
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    thread = threading.Thread(target=produce, name="musc-edge-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def iter_features(paths: Sequence[str | Path], extractor, batch_size: int = 8, *, workers: int = 1,
+                  prefetch_batches: int = 2, max_pixels: int | None = None) -> Iterator[Batch]:
+    """Features for ``paths``, a batch at a time, decoding ahead in a background thread.
+
+    ``extractor`` is anything with ``.meta`` and ``__call__(batch) -> Features`` (a
+    :class:`~musc_edge.runtime.model.FeatureExtractor`). ``workers`` decode threads (1 is enough
+    when the model is the bottleneck).
+    """
+    inputs = iter_input_batches(paths, extractor.meta, batch_size, workers=workers, max_pixels=max_pixels)
+    for item in prefetch(inputs, prefetch_batches):
+        features = None
+        t0 = time.perf_counter()
+        if len(item.paths):
+            features = extractor(item.inputs)
+        yield Batch(paths=item.paths, sizes=item.sizes, features=features, skipped=item.skipped,
+                    decode_s=item.decode_s, infer_s=time.perf_counter() - t0)
