@@ -1,0 +1,144 @@
+"""Batch composition of the MuSc scorer: tokens -> patch maps -> image scores (MUSC_SPEC 2-5).
+
+``score_tokens`` is the public entry point used by the CLI, the runtime and the window scorer.
+It runs LNAMD then MSM for one (layer, r) at a time and adds the result into one running
+(N, L) float64 sum, so peak memory is one LNAMD array plus MSM's budget, never all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .errors import InputError
+from .lnamd import lnamd, patch_grid
+from .msm import interval_bounds, msm
+from .rscin import rscin
+from .types import Scores
+
+__all__ = ["score_tokens", "msm", "upsample_map", "validate_layer_tokens"]
+
+
+def validate_layer_tokens(layer_tokens: Sequence[np.ndarray]) -> tuple[int, int]:
+    """Check the tapped-layer token arrays once, where they enter; return (N, G).
+
+    Every layer must be (N, 1 + G*G, C_l) with the same N and G (C may differ between layers),
+    float16/float32/float64, finite, and N >= 2.
+    """
+    if isinstance(layer_tokens, np.ndarray):
+        raise InputError(
+            "layer_tokens must be a sequence of (N, 1 + G*G, C) arrays, one per tapped layer; "
+            f"got one array of shape {layer_tokens.shape}: wrap it in a list"
+        )
+    layers = list(layer_tokens)
+    if not layers:
+        raise InputError("layer_tokens is empty: pass at least one tapped layer's tokens")
+    n_ref = g_ref = None
+    for i, t in enumerate(layers):
+        t = np.asarray(t)
+        if t.ndim != 3:
+            raise InputError(f"layer {i}: tokens must be (N, 1 + G*G, C), got shape {t.shape}")
+        if not np.issubdtype(t.dtype, np.floating):
+            raise InputError(f"layer {i}: tokens must be float16/float32, got dtype {t.dtype}")
+        try:
+            g = patch_grid(t.shape[1])
+        except InputError as exc:
+            raise InputError(f"layer {i}: tokens shape {t.shape}: {exc}") from None
+        n = t.shape[0]
+        if n_ref is None:
+            n_ref, g_ref = n, g
+        elif n != n_ref or g != g_ref:
+            raise InputError(
+                f"layer {i}: shape {t.shape} disagrees with layer 0 (N={n_ref}, grid {g_ref}x{g_ref}); "
+                "all tapped layers must come from the same images and grid"
+            )
+        if not np.isfinite(t).all():
+            raise InputError(
+                f"layer {i}: tokens contain NaN or inf (shape {t.shape}); check the backbone export "
+                "(float16 overflow?) and the input images"
+            )
+    if n_ref < 2:
+        raise InputError(f"MuSc scores a pool against itself: need at least 2 images, got {n_ref}")
+    return int(n_ref), int(g_ref)
+
+
+def score_tokens(
+    layer_tokens: Sequence[np.ndarray],
+    embeddings: np.ndarray | None = None,
+    *,
+    r_list: Sequence[int] = (1, 3, 5),
+    interval: tuple[float, float] = (0.0, 0.3),
+    k_list: Sequence[int] = (1, 2, 3),
+    mem_budget_bytes: int = 1 << 30,
+) -> Scores:
+    """Score a pool of images from their tapped-layer tokens (MUSC_SPEC 2-5).
+
+    layer_tokens: one (N, 1 + G*G, C_l) array per tapped layer, float16 or float32; token 0 (CLS)
+        is dropped.
+    embeddings: (N, D) L2-normalised image embeddings for RsCIN, or None (then
+        ``image_scores == image_scores_raw``).
+    r_list: LNAMD aggregation degrees; interval: MSM interval of the sorted other images;
+    k_list: RsCIN neighbourhood sizes; mem_budget_bytes: MSM's extra-memory bound.
+    Returns :class:`musc_edge.types.Scores` (float64 arrays).
+    """
+    n, g = validate_layer_tokens(layer_tokens)
+    interval_bounds(n - 1, interval)
+    r_values = [int(r) for r in r_list]
+    if not r_values:
+        raise InputError("r_list is empty: pass at least one aggregation degree, e.g. (1, 3, 5)")
+    if embeddings is not None:
+        e = np.asarray(embeddings)
+        if e.ndim != 2 or e.shape[0] != n:
+            raise InputError(f"embeddings must be (N, D) with N = {n} (one per image), got shape {e.shape}")
+        if not np.isfinite(e).all():
+            raise InputError(f"embeddings (shape {e.shape}) contain NaN or inf")
+
+    total = np.zeros((n, g * g), dtype=np.float64)
+    count = 0
+    for tokens in layer_tokens:
+        for r in r_values:
+            z = lnamd(np.asarray(tokens), r)
+            total += msm(z, interval, mem_budget_bytes=mem_budget_bytes)
+            count += 1
+            del z
+    maps = (total / count).reshape(n, g, g)
+    raw = maps.reshape(n, -1).max(axis=1)
+    final = raw.copy() if embeddings is None else rscin(raw, embeddings, k_list)
+    return Scores(patch_maps=maps, image_scores_raw=raw, image_scores=final)
+
+
+def _interp_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) bilinear weights with align_corners=True: out i samples in at i*(n_in-1)/(n_out-1)."""
+    if n_out == 1 or n_in == 1:
+        src = np.zeros(n_out)
+    else:
+        src = np.arange(n_out, dtype=np.float64) * ((n_in - 1) / (n_out - 1))
+    i0 = np.clip(np.floor(src).astype(np.int64), 0, n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    frac = src - i0
+    m = np.zeros((n_out, n_in), dtype=np.float64)
+    rows = np.arange(n_out)
+    np.add.at(m, (rows, i0), 1.0 - frac)
+    np.add.at(m, (rows, i1), frac)
+    return m
+
+
+def upsample_map(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear upsampling (align_corners=True) of (G, G) or (N, G, G) maps to (h, w) (MUSC_SPEC 4).
+
+    Separable: ``Ry @ m @ Rx.T`` with two small interpolation matrices is exactly bilinear
+    interpolation, any output size (including the original non-square image size). float32 out.
+    """
+    m = np.asarray(maps)
+    if m.ndim not in (2, 3):
+        raise InputError(f"maps must be (G, G) or (N, G, G), got shape {m.shape}")
+    try:
+        h, w = (int(v) for v in size)
+    except (TypeError, ValueError):
+        raise InputError(f"size must be (height, width), got {size!r}") from None
+    if h < 1 or w < 1:
+        raise InputError(f"size must be positive (height, width), got {size!r}")
+    ry = _interp_matrix(m.shape[-2], h).astype(np.float32)
+    rx = _interp_matrix(m.shape[-1], w).astype(np.float32)
+    return np.matmul(np.matmul(ry, m.astype(np.float32)), rx.T)
