@@ -1,0 +1,341 @@
+"""Rolling-window MuSc: score each new image against the last W images at a cost linear in W.
+
+Batch MuSc (MUSC_SPEC 3) compares every image of a pool with every other one: N^2 / 2 pair
+products per pool. On a line the pool is a sliding window, and consecutive windows share all but
+one image, so almost all of those pair products are already known. This module keeps them:
+
+- for every image in the pool and every (tapped layer, aggregation degree r), its LNAMD features
+  Z (L, C) (MUSC_SPEC 2);
+- for every ordered pair (i, j) of images in the pool, the min-distance vector d_ij (L,): the
+  distance of each patch of i to its nearest patch of j (MUSC_SPEC 3).
+
+Adding an image costs one matrix product per (other image, layer, r), which gives both d_new,j and
+d_j,new (the row and column minima, MUSC_SPEC 3); evicting one is bookkeeping. The MSM map of an
+image is then an interval mean over the d_ij rows it already has, a selection (``np.partition``)
+over W values per patch. The maps equal :func:`musc_edge.scorer.score_tokens` over the same pool.
+
+Two layers:
+
+- :class:`PoolWindow`: the pool itself (add, evict, maps, RsCIN), keyed by a caller-chosen integer
+  ``seq``. It knows nothing of order or emission.
+- :class:`RollingScorer`: the streaming policy on top (MUSC_SPEC 8, issue 4): a window of the last
+  ``capacity`` stream images plus fixed reference images, reporting each image once ``delay`` newer
+  images have arrived and the pool holds ``min_pool`` images, oldest first.
+
+Adding is split into :meth:`RollingScorer.prepare` (pure: computes an :class:`Entry` holding the new
+image's features and its pair rows) and :meth:`RollingScorer.push` (applies it), so that a caller
+can store the entry durably in between and replay it after a crash without the backbone.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import InputError, StateError
+from .lnamd import lnamd, patch_grid
+from .msm import interval_bounds, pair_min_distances
+from .rscin import rscin
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One image ready to join the pool: its features and its pair rows against the pool.
+
+    seq: the caller's key of the image (unique, increasing for stream images).
+    tokens: one (1 + G*G, C_l) array per tapped layer, as the backbone returned them.
+    embedding: (D,) image embedding for RsCIN (MUSC_SPEC 5).
+    partners: seqs of the images the rows below were computed against.
+    d_out: (P, Q, L) float32, d_new,j: patches of the new image scored by partner j.
+    d_in: (P, Q, L) float32, d_j,new: patches of partner j scored by the new image.
+    info: JSON-able data the caller wants back with the image's emission (path, times).
+    z: the LNAMD features, one (L, C) array per (layer, r); recomputed from ``tokens`` when absent.
+    """
+
+    seq: int
+    tokens: tuple[np.ndarray, ...]
+    embedding: np.ndarray
+    partners: np.ndarray
+    d_out: np.ndarray
+    d_in: np.ndarray
+    info: dict = field(default_factory=dict)
+    z: tuple[np.ndarray, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Emission:
+    """The scores of one image, reported once (MUSC_SPEC 3-5 over the pool at that moment).
+
+    patch_map: (G, G) float64 MSM map. raw_score: its max. image_score: after RsCIN over the pool.
+    pool_size: images in the pool (references included) when it was scored.
+    map_range: (min, max) over all the pool's maps then, a shared colour scale for heatmaps.
+    """
+
+    seq: int
+    info: dict
+    patch_map: np.ndarray
+    raw_score: float
+    image_score: float
+    pool_size: int
+    map_range: tuple[float, float]
+
+
+class PoolWindow:
+    """A pool of at most ``slots`` images with their LNAMD features and pair min-distances.
+
+    Storage is preallocated, so memory does not grow with the number of images seen:
+    ``z[q]``: (slots, L, C_q) float32 per (layer, r) combination q;
+    ``d``: (slots, Q, L, slots) float32 with d[i, q, :, j] = d_ij for layer/r q. Entries of free
+    slots and the diagonal hold +inf: an interval mean over the ascending distances never reaches
+    them (its upper bound is at most N - 1, MUSC_SPEC 3), so a row needs no masking.
+    """
+
+    def __init__(self, grid: int, token_dims: Sequence[int], embed_dim: int, slots: int, *,
+                 r_list: Sequence[int] = (1, 3, 5), interval: tuple[float, float] = (0.0, 0.3),
+                 k_list: Sequence[int] = (1, 2, 3)) -> None:
+        if slots < 2:
+            raise InputError(f"a pool needs room for at least 2 images, got {slots}")
+        self.grid = int(grid)
+        self.token_dims = tuple(int(c) for c in token_dims)
+        self.embed_dim = int(embed_dim)
+        self.slots = int(slots)
+        self.r_list = tuple(int(r) for r in r_list)
+        self.interval = (float(interval[0]), float(interval[1]))
+        self.k_list = tuple(int(k) for k in k_list)
+        #: (layer index, r) for each combination q, layer-major like the batch scorer
+        self.combos = tuple((layer, r) for layer in range(len(self.token_dims)) for r in self.r_list)
+        n_patches = self.grid * self.grid
+        self._z = [np.zeros((self.slots, n_patches, self.token_dims[layer]), np.float32)
+                   for layer, _ in self.combos]
+        self._d = np.full((self.slots, len(self.combos), n_patches, self.slots), np.inf, np.float32)
+        self._emb = np.zeros((self.slots, self.embed_dim), np.float32)
+        self._slot_of: dict[int, int] = {}  # seq -> slot, in insertion order
+        self._free = list(range(self.slots - 1, -1, -1))
+
+    # --- contents ---------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._slot_of)
+
+    def __contains__(self, seq: int) -> bool:
+        return seq in self._slot_of
+
+    @property
+    def seqs(self) -> list[int]:
+        """Seqs of the images in the pool, in the order they were added."""
+        return list(self._slot_of)
+
+    # --- adding -----------------------------------------------------------------------------
+    def features(self, tokens: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
+        """LNAMD features of one image, one (L, C) array per combination (MUSC_SPEC 2)."""
+        if len(tokens) != len(self.token_dims):
+            raise InputError(f"expected tokens of {len(self.token_dims)} tapped layers, got {len(tokens)}")
+        out = []
+        for layer, r in self.combos:
+            t = np.asarray(tokens[layer])
+            expect = (1 + self.grid * self.grid, self.token_dims[layer])
+            if t.shape != expect:
+                raise InputError(f"layer {layer}: expected tokens of shape {expect}, got {t.shape}; "
+                                 "the model does not match this pool")
+            out.append(lnamd(t[None], r)[0])
+        return tuple(out)
+
+    def prepare(self, seq: int, tokens: Sequence[np.ndarray], embedding: np.ndarray, *,
+                partners: Sequence[int] | None = None, info: dict | None = None) -> Entry:
+        """Compute an image's entry against ``partners`` (default: the whole pool). Pure.
+
+        One product per (partner, combination) gives both directions (MUSC_SPEC 3), so the cost is
+        linear in the number of partners.
+        """
+        emb = np.asarray(embedding, np.float32).reshape(-1)
+        if emb.shape != (self.embed_dim,):
+            raise InputError(f"expected an embedding of {self.embed_dim} values, got {emb.shape}")
+        z = self.features(tokens)
+        partners = np.asarray(self.seqs if partners is None else list(partners), np.int64)
+        n_patches = self.grid * self.grid
+        d_out = np.empty((len(partners), len(self.combos), n_patches), np.float32)
+        d_in = np.empty_like(d_out)
+        for p, other in enumerate(partners.tolist()):
+            slot = self._slot_of[other]
+            for q in range(len(self.combos)):
+                # Older image first, as the batch scorer orders a pool: the same float32 products.
+                d_in[p, q], d_out[p, q] = pair_min_distances(self._z[q][slot], z[q])
+        return Entry(int(seq), tuple(np.asarray(t) for t in tokens), emb, partners, d_out, d_in,
+                     dict(info or {}), z)
+
+    def add(self, entry: Entry) -> None:
+        """Put an entry into a free slot. Its rows must cover every image now in the pool.
+
+        Rows against partners that have left since the entry was prepared are ignored, which is
+        what lets a saved pool be rebuilt by replaying its entries in order.
+        """
+        if entry.seq in self._slot_of:
+            raise StateError(f"image {entry.seq} is already in the pool")
+        if not self._free:
+            raise StateError(f"the pool is full ({self.slots} images); evict one first")
+        row_of = {int(s): p for p, s in enumerate(entry.partners.tolist())}
+        missing = [s for s in self._slot_of if s not in row_of]
+        if missing:
+            raise StateError(f"image {entry.seq} was prepared without pair rows for images {missing[:5]}")
+        z = entry.z if entry.z is not None else self.features(entry.tokens)
+        slot = self._free.pop()
+        for q in range(len(self.combos)):
+            self._z[q][slot] = z[q]
+        self._emb[slot] = entry.embedding
+        for other, other_slot in self._slot_of.items():
+            p = row_of[other]
+            self._d[slot, :, :, other_slot] = entry.d_out[p]
+            self._d[other_slot, :, :, slot] = entry.d_in[p]
+        self._slot_of[entry.seq] = slot
+
+    def evict(self, seq: int) -> None:
+        """Drop an image: its slot's rows and columns go back to +inf."""
+        slot = self._slot_of.pop(seq)
+        self._d[slot] = np.inf
+        self._d[:, :, :, slot] = np.inf
+        self._free.append(slot)
+
+    # --- scoring ----------------------------------------------------------------------------
+    def patch_map(self, seq: int) -> np.ndarray:
+        """(G, G) float64 MSM map of one image against the rest of the pool (MUSC_SPEC 3).
+
+        Cost: one selection over (Q, L, slots) values, linear in the pool size.
+        """
+        n = len(self._slot_of)
+        if n < 2:
+            raise InputError(f"MuSc needs at least 2 images in the pool, got {n}")
+        lo, hi = interval_bounds(n - 1, self.interval)
+        row = self._d[self._slot_of[seq]]  # (Q, L, slots); self and free slots are +inf
+        kth = [lo, hi - 1] if hi - 1 > lo else [lo]
+        part = np.partition(row, kth, axis=-1)[..., lo:hi]
+        a = part.mean(axis=-1, dtype=np.float64)  # (Q, L): A_i for each layer and r
+        return a.mean(axis=0).reshape(self.grid, self.grid)
+
+    def score_all(self) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray]:
+        """Score the whole pool: (seqs, patch maps (N, G, G), raw scores (N,), RsCIN scores (N,)).
+
+        RsCIN (MUSC_SPEC 5) needs every image's raw score, so this is N selections.
+        """
+        seqs = self.seqs
+        maps = np.stack([self.patch_map(s) for s in seqs])
+        raw = maps.reshape(len(seqs), -1).max(axis=1)
+        emb = self._emb[[self._slot_of[s] for s in seqs]]
+        return seqs, maps, raw, rscin(raw, emb, self.k_list)
+
+
+class RollingScorer:
+    """Streaming emission over a :class:`PoolWindow` (issue 4, MUSC_SPEC 8).
+
+    The pool is the ``references`` (added first, never evicted, never reported) plus the last
+    ``capacity`` stream images. A stream image is reported once ``delay`` newer images have arrived
+    (delay 0: at once, against the images before it) and the pool holds ``min_pool`` images;
+    reports come oldest first, so a backlog drains in order. Because ``delay < capacity``, an
+    image is always reported before it leaves the window.
+    """
+
+    def __init__(self, grid: int, token_dims: Sequence[int], embed_dim: int, *, capacity: int,
+                 delay: int = 0, min_pool: int = 8, n_references: int = 0,
+                 r_list: Sequence[int] = (1, 3, 5), interval: tuple[float, float] = (0.0, 0.3),
+                 k_list: Sequence[int] = (1, 2, 3)) -> None:
+        if capacity < 1:
+            raise InputError(f"--window must be at least 1, got {capacity}")
+        if not 0 <= delay < capacity:
+            raise InputError(f"--delay must be in [0, window) = [0, {capacity}), got {delay}")
+        pool_max = capacity + n_references
+        if not 2 <= min_pool <= pool_max:
+            raise InputError(f"--min-pool must be in [2, window + references] = [2, {pool_max}], "
+                             f"got {min_pool}")
+        self.capacity = int(capacity)
+        self.delay = int(delay)
+        self.min_pool = int(min_pool)
+        self.n_references = int(n_references)
+        self.pool = PoolWindow(grid, token_dims, embed_dim, pool_max, r_list=r_list, interval=interval,
+                               k_list=k_list)
+        self.references: list[int] = []
+        self.stream: deque[int] = deque()  # stream seqs in the pool, oldest first
+        self.pending: deque[int] = deque()  # stream seqs not yet reported, oldest first
+        self._info: dict[int, dict] = {}
+
+    def add_reference(self, entry: Entry) -> None:
+        """Seed the pool with a known-good image; allowed only before the stream starts."""
+        if self.stream:
+            raise StateError("reference images must be added before the first stream image")
+        if len(self.references) >= self.n_references:
+            raise StateError(f"this scorer was set up for {self.n_references} reference images")
+        self.pool.add(entry)
+        self.references.append(entry.seq)
+
+    def evictee(self) -> int | None:
+        """The stream image that the next push will evict (None while the window has room)."""
+        return self.stream[0] if len(self.stream) >= self.capacity else None
+
+    def prepare(self, seq: int, tokens: Sequence[np.ndarray], embedding: np.ndarray,
+                info: dict | None = None) -> Entry:
+        """Compute the entry of a new image against the images that stay when it arrives. Pure."""
+        if self.stream and seq <= self.stream[-1]:
+            raise StateError(f"stream images must arrive with increasing seq ({seq} after {self.stream[-1]})")
+        leaving = self.evictee()
+        partners = [s for s in self.pool.seqs if s != leaving]
+        return self.pool.prepare(seq, tokens, embedding, partners=partners, info=info)
+
+    def push(self, entry: Entry) -> list[Emission]:
+        """Apply a prepared entry: evict the oldest image if the window is full, add, report."""
+        leaving = self.evictee()
+        if leaving is not None:
+            if self.pending and self.pending[0] == leaving:  # cannot happen with delay < capacity
+                raise StateError(f"image {leaving} would leave the window unreported")
+            self.pool.evict(self.stream.popleft())
+            self._info.pop(leaving, None)
+        self.pool.add(entry)
+        self.stream.append(entry.seq)
+        self.pending.append(entry.seq)
+        self._info[entry.seq] = dict(entry.info)
+        return self._emit(lambda seq: self._newer(seq) >= self.delay and len(self.pool) >= self.min_pool)
+
+    def flush(self) -> list[Emission]:
+        """Report every pending image now (end of a finite stream), if the pool can score at all."""
+        if len(self.pool) < 2:
+            return []
+        return self._emit(lambda seq: True)
+
+    def _newer(self, seq: int) -> int:
+        """How many stream images arrived after ``seq`` (all still in the window)."""
+        return len(self.stream) - 1 - self.stream.index(seq)
+
+    def _emit(self, ready) -> list[Emission]:
+        due = []
+        while self.pending and ready(self.pending[0]):
+            due.append(self.pending.popleft())
+        if not due:
+            return []
+        seqs, maps, raw, final = self.pool.score_all()
+        index = {s: i for i, s in enumerate(seqs)}
+        map_range = (float(maps.min()), float(maps.max()))
+        return [Emission(s, self._info[s], maps[index[s]], float(raw[index[s]]), float(final[index[s]]),
+                         len(seqs), map_range) for s in due]
+
+    def state(self) -> dict[str, Any]:
+        """The order bookkeeping (JSON-able); the features live in the entries."""
+        return {"references": list(self.references), "stream": list(self.stream),
+                "pending": list(self.pending)}
+
+    def restore(self, state: dict, entries: dict[int, Entry]) -> None:
+        """Fill this empty scorer from :meth:`state` and the entries of its pool (any order).
+
+        Entries are replayed oldest first; each one's rows cover every older image still present,
+        so replay gives the same pool as before, without recomputing any pair.
+        """
+        if len(self.pool):
+            raise StateError("restore needs an empty scorer")
+        for seq in state["references"]:
+            self.add_reference(entries[seq])
+        for seq in state["stream"]:
+            self.pool.add(entries[seq])
+            self.stream.append(seq)
+            self._info[seq] = dict(entries[seq].info)
+        pending = [int(s) for s in state["pending"]]
+        if any(s not in self.stream for s in pending):
+            raise StateError("saved state lists pending images that are not in the window")
+        self.pending.extend(pending)
