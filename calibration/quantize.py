@@ -222,7 +222,10 @@ def _quantize_static(src: Path, dst: Path, reader: ImageFolderReader, config: Qu
         kwargs.update(activation_type=QuantType.QInt8, per_channel=True)
     else:  # trt: symmetric int8 everywhere (TensorRT supports zero point 0 only)
         kwargs.update(activation_type=QuantType.QInt8, per_channel=True,
-                      extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+                      extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                                     # Q/DQ on the inputs of Conv/MatMul/Gemm only, as TensorRT's
+                                     # explicit-quantization rules (and ModelOpt) place them
+                                     "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OPS)})
     if config.cache is not None:
         config.cache.parent.mkdir(parents=True, exist_ok=True)
         kwargs["calibration_cache_path"] = str(config.cache)
