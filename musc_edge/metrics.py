@@ -160,7 +160,8 @@ def _tp_and_predicted(rc: RankCounts) -> tuple[np.ndarray, np.ndarray]:
 def _average_precision(rc: RankCounts) -> float:
     """AP = sum over thresholds of (R_k - R_{k-1}) * P_k: scikit-learn's step-wise definition."""
     tp, predicted = _tp_and_predicted(rc)
-    return float(np.dot(rc.positives / rc.n_positive, tp / predicted))
+    # Integer weights, one division at the end: a perfect ranking gives exactly 1.0.
+    return float(np.dot(rc.positives, tp / predicted) / rc.n_positive)
 
 
 def _f1_max(rc: RankCounts) -> float:
@@ -248,15 +249,17 @@ def _pool_pixels(masks: ArrayLike, maps: ArrayLike, *, regions: bool) -> _Pooled
     labelled per image with OpenCV's 8-connected ``connectedComponents`` (the same regions as
     ``skimage.measure.label``'s default full connectivity used by the authors).
     """
+    masks = masks if hasattr(masks, "__len__") else list(masks)
+    maps = maps if hasattr(maps, "__len__") else list(maps)
     if len(masks) != len(maps):
         raise InputError(f"expected one map per mask ({len(masks)} masks), but got {len(maps)} maps")
     if len(masks) == 0:
         raise InputError("expected at least one mask and map, but got none")
     all_scores, pos_scores, pos_weights = [], [], []
     n_regions = 0
-    for i, (mask, amap) in enumerate(zip(masks, maps)):
-        m = _mask_array(mask, i)
-        a = _map_array(amap, i, m.shape)
+    for i in range(len(masks)):  # indexing, not iteration: lazy sequences load one image at a time
+        m = _mask_array(masks[i], i)
+        a = _map_array(maps[i], i, m.shape)
         all_scores.append(a.ravel())
         if regions and m.any():
             import cv2  # OpenCV is a runtime dependency; imported here to keep import time low

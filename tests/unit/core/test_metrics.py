@@ -216,3 +216,28 @@ def test_pixel_metrics_input_errors(masks, maps, message):
 def test_pixel_metrics_argument_errors(kwargs, message):
     with pytest.raises(InputError, match=message):
         pixel_metrics([np.eye(3)], [np.eye(3)], **kwargs)
+
+
+class _LazySequence:
+    """Loads item i on demand, like an evaluation that reads masks from disk one at a time."""
+
+    def __init__(self, items):
+        self.items, self.loaded = items, 0
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        self.loaded += 1
+        return self.items[i]
+
+
+def test_pixel_metrics_accept_lazy_sequences_and_generators():
+    rng = np.random.default_rng(9)
+    masks = blob_masks(rng, [(20, 30), (25, 15), (10, 10)], p_anomalous=1.0)
+    maps = noisy_maps(rng, masks)
+    lazy_masks, lazy_maps = _LazySequence(masks), _LazySequence(maps)
+    expected = pixel_metrics(masks, maps)
+    assert pixel_metrics(lazy_masks, lazy_maps) == expected
+    assert lazy_masks.loaded == 3 and lazy_maps.loaded == 3
+    assert pixel_metrics((m for m in masks), iter(maps)) == expected
