@@ -238,19 +238,22 @@ def _normalise(resized: np.ndarray, meta: ModelMeta) -> np.ndarray:
 def resize_like_pil(image: np.ndarray, width: int, height: int, interpolation: str = "bicubic") -> np.ndarray:
     """Resize (H, W, C) uint8 exactly as PIL's ``Image.resize`` with BICUBIC or BILINEAR does.
 
-    PIL resamples separably, horizontal pass first, with a kernel widened by the shrink factor
+    PIL resamples separably, one axis after the other, with a kernel widened by the shrink factor
     (antialiasing) and 22-bit fixed-point coefficients, rounding to uint8 after each pass.
     """
     if interpolation not in _FILTERS:
         raise InputError(f"unknown resize interpolation {interpolation!r}; expected one of "
                          f"{', '.join(sorted(_FILTERS))}")
     out = image
-    if out.shape[1] != width:
-        idx, coeffs = _pil_coefficients(out.shape[1], width, interpolation)
-        out = _resample_axis(out, idx, coeffs, axis=1)
-    if out.shape[0] != height:
-        idx, coeffs = _pil_coefficients(out.shape[0], height, interpolation)
-        out = _resample_axis(out, idx, coeffs, axis=0)
+    # Pillow runs the vertical pass first when the width grows and the height shrinks (fewer rows
+    # to widen). When both shrink it sometimes does too, by an internal cost rule we do not copy;
+    # pixels can then differ by a few levels at sharp edges, far inside open_clip's tolerance.
+    axes = (0, 1) if (width > out.shape[1] and height < out.shape[0]) else (1, 0)
+    for axis in axes:
+        target = width if axis == 1 else height
+        if out.shape[axis] != target:
+            idx, coeffs = _pil_coefficients(out.shape[axis], target, interpolation)
+            out = _resample_axis(out, idx, coeffs, axis=axis)
     return out
 
 
