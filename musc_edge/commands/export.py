@@ -1,0 +1,113 @@
+"""``musc-edge export``: a registered backbone -> ONNX (and optionally a TensorRT engine).
+
+This module only parses flags and calls :mod:`musc_edge.export`; torch and open_clip are imported
+when a model is built, so ``musc-edge export --list`` and flag errors stay fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from musc_edge.errors import DeviceError, InputError
+from musc_edge.export import backbones
+from musc_edge.options import parse_int_list
+
+RANDOM_WARNING = ("warning: --weights random: this model has random weights, so every score computed "
+                  "with it means nothing (use it only to test the pipeline)")
+
+
+def _print_backbones() -> None:
+    for name in backbones.names():
+        spec = backbones.get_spec(name)
+        layers = ",".join(map(str, spec.layers))
+        click.echo(f"{name:<20} {spec.image_size:>4}px  layers {layers:<12} weights {spec.weights:<9} {spec.summary}")
+
+
+def _list_callback(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        _print_backbones()
+        ctx.exit(0)
+
+
+@click.command(name="export")
+@click.option("--backbone", default="vit_b16", show_default=True,
+              help="Registered backbone (see --list): vit_b16, vit_b32, vit_l14, vit_l14_336, efficientnet_lite0.")
+@click.option("--weights", default=None,
+              help="openai (CLIP) / imagenet (efficientnet_lite0): the backbone's pretrained weights [default]; "
+                   "PATH: a local checkpoint (recorded as sha256:<hex>); random: random init (smoke tests only).")
+@click.option("--image-size", "image_size", type=int, default=None,
+              help="Square input side S (default: the backbone's); position embeddings are resized bicubically.")
+@click.option("--layers", default=None,
+              help="Tapped blocks (ViT) or stages (CNN), 1-indexed, e.g. 3,6,9,12. Blocks after the last are pruned.")
+@click.option("--full-embedding", "full_embedding", is_flag=True,
+              help="Keep the blocks after the last tapped layer so the embedding stays CLIP's own "
+                   "(only matters when the last tapped layer is not the last block).")
+@click.option("--opset", default=17, show_default=True, type=click.IntRange(17), help="ONNX opset (>= 17).")
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Output FILE.onnx [default: ./<backbone>_<S>.onnx].")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "engine"]), default="onnx", show_default=True,
+              help="engine: also build a TensorRT engine next to the ONNX file (needs musc-edge[trt] and a GPU).")
+@click.option("--precision", type=click.Choice(["fp16", "int8"]), default=None,
+              help="TensorRT engine precision (--format engine) [default: fp16].")
+@click.option("--calib", "calib_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder of line images for INT8 calibration (--format engine --precision int8).")
+@click.option("--max-batch", "max_batch", type=click.IntRange(1, 1024), default=None,
+              help="Largest batch of the TensorRT optimisation profile (--format engine) [default: 8].")
+@click.option("--list", "list_", is_flag=True, is_eager=True, expose_value=False, callback=_list_callback,
+              help="List the registered backbones and exit.")
+def export(backbone: str, weights: str | None, image_size: int | None, layers: str | None, full_embedding: bool,
+           opset: int, out: Path | None, fmt: str, precision: str | None, calib_dir: Path | None,
+           max_batch: int | None) -> None:
+    """Export a backbone to ONNX with musc-edge metadata, and check it against torch.
+
+    The graph takes `image` (B, 3, S, S) float32, normalised, any batch B, and returns
+    `tokens_0`..`tokens_{k-1}` (B, 1 + G*G, C), one per tapped layer, and `embedding` (B, D).
+    After writing, torch and ONNX Runtime are compared on a batch of 2 and the export fails above
+    1e-3 max abs difference. `--format engine` then builds a TensorRT engine from the ONNX file.
+    """
+    spec = backbones.get_spec(backbone)
+    if fmt != "engine" and (precision or calib_dir or max_batch):
+        raise InputError("--precision, --calib and --max-batch apply to TensorRT engines: add --format engine")
+    if precision != "int8" and calib_dir is not None:
+        raise InputError("--calib is for INT8 calibration: add --precision int8")
+    layer_tuple = backbones.resolve_layers(spec, None if layers is None else parse_int_list(layers, "--layers"))
+    size = backbones.resolve_image_size(spec, image_size)
+    out = out or Path(f"{spec.name}_{size}.onnx")
+    if out.suffix.lower() != ".onnx":
+        raise InputError(f"--out {out} must end in .onnx")
+
+    from musc_edge.export.onnx import export_onnx
+    from musc_edge.export.weights import resolve_weights
+
+    choice = resolve_weights(spec, weights)
+    if choice.is_random:
+        click.echo(RANDOM_WARNING, err=True)
+    built = backbones.builder_for(spec)(spec, choice, size, layer_tuple, keep_all_blocks=full_embedding)
+    result = export_onnx(built, out, opset=opset)
+    for name, diff in result.max_abs_diff.items():
+        click.echo(f"parity torch vs onnxruntime (batch 2): {name:<10} max abs diff {diff:.2e}")
+    meta = result.meta
+    click.echo(f"wrote {result.path}: {meta.backbone}, weights {meta.weights}, {meta.image_size}px, "
+               f"grid {meta.grid}x{meta.grid}, layers {','.join(map(str, meta.layers))}, "
+               f"embedding from block {built.embedding_layer} of {spec.num_blocks}")
+    if fmt == "engine":
+        engine = _build_engine(result.path, meta, precision or "fp16", calib_dir, max_batch or 8)
+        click.echo(f"wrote {engine}")
+
+
+def _build_engine(onnx_path: Path, meta, precision: str, calib_dir: Path | None, max_batch: int) -> Path:
+    """Hand the ONNX file to the TensorRT builder (issue 5), imported only here."""
+    hint = "TensorRT is not installed: pip install 'musc-edge[trt]' on an NVIDIA machine, or use --format onnx"
+    try:
+        from musc_edge.export.tensorrt import build_engine
+    except ImportError:
+        raise DeviceError(hint) from None
+    engine_path = onnx_path.with_suffix(".engine")
+    try:
+        result = build_engine(onnx_path, engine_path, meta, precision=precision, calib_dir=calib_dir,
+                              max_batch=max_batch)
+    except ImportError:
+        raise DeviceError(hint) from None
+    return Path(result) if isinstance(result, (str, Path)) else engine_path

@@ -1,0 +1,74 @@
+"""The backbone registry: entries per MUSC_SPEC 1, lookups, validation of user choices."""
+
+from __future__ import annotations
+
+import pytest
+
+from musc_edge.errors import InputError, ModelError
+from musc_edge.export import backbones
+
+
+def test_builtin_entries_follow_the_spec():
+    b16 = backbones.get_spec("vit_b16")
+    assert (b16.arch, b16.image_size, b16.patch_size, b16.layers, b16.weights) == (
+        "ViT-B-16-quickgelu", 224, 16, (3, 6, 9, 12), "openai")
+    assert b16.mean == backbones.CLIP_MEAN and b16.interpolation == "bicubic"
+    assert backbones.get_spec("vit_l14_336").layers == (6, 12, 18, 24)
+    assert backbones.get_spec("vit_l14_336").image_size == 336
+    eff = backbones.get_spec("efficientnet_lite0")
+    assert (eff.patch_size, eff.layers, eff.mean, eff.std, eff.interpolation) == (
+        8, (3, 5), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
+    assert {"vit_b16", "vit_b32", "vit_l14", "vit_l14_336", "efficientnet_lite0"} <= set(backbones.names())
+
+
+def test_every_clip_arch_exists_in_open_clip():
+    open_clip = pytest.importorskip("open_clip")
+    for name in backbones.names():
+        spec = backbones.get_spec(name)
+        if spec.family == "clip" and spec.arch_cfg is None:
+            cfg = open_clip.get_model_config(spec.arch)
+            assert cfg is not None, spec.arch
+            assert cfg["vision_cfg"]["layers"] == spec.num_blocks
+            assert cfg["vision_cfg"]["patch_size"] == spec.patch_size
+            assert cfg.get("quick_gelu") is True  # OpenAI weights were trained with QuickGELU
+            assert open_clip.get_pretrained_cfg(spec.arch, spec.weights).get("hf_hub")
+
+
+def test_unknown_backbone_lists_the_valid_names():
+    with pytest.raises(ModelError) as e:
+        backbones.get_spec("vit_h14")
+    msg = str(e.value)
+    assert "vit_h14" in msg
+    for name in backbones.names():
+        assert name in msg
+
+
+def test_layers_are_validated():
+    spec = backbones.get_spec("vit_b16")
+    assert backbones.resolve_layers(spec, None) == (3, 6, 9, 12)
+    assert backbones.resolve_layers(spec, (2, 4)) == (2, 4)
+    with pytest.raises(InputError, match="out of range.*12 blocks"):
+        backbones.resolve_layers(spec, (3, 13))
+    with pytest.raises(InputError, match="increasing"):
+        backbones.resolve_layers(spec, (6, 3))
+    with pytest.raises(InputError, match="duplicates"):
+        backbones.resolve_layers(spec, (3, 3))
+
+
+def test_image_size_must_fit_the_patch_grid():
+    spec = backbones.get_spec("vit_b16")
+    assert backbones.resolve_image_size(spec, None) == 224
+    assert backbones.resolve_image_size(spec, 512) == 512
+    with pytest.raises(InputError, match="multiple of 16"):
+        backbones.resolve_image_size(spec, 250)
+    with pytest.raises(InputError, match="multiple of 16"):
+        backbones.resolve_image_size(spec, 16)
+    assert spec.grid(512) == 32
+
+
+def test_register_rejects_an_unknown_family():
+    with pytest.raises(ValueError, match="family"):
+        backbones.register(backbones.BackboneSpec(
+            name="x", family="nope", arch="x", image_size=32, pretrain_size=32, patch_size=8, num_blocks=1,
+            layers=(1,), weights="none"))
+    assert "x" not in backbones.names()
