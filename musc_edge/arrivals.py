@@ -1,0 +1,223 @@
+"""Which files in a watched folder are new, complete images (issue 4).
+
+Cameras and copy tools write files in pieces. A file is offered for scoring only when
+
+1. its name is an image name that is not being written: names starting with '.' and names
+   ending in ``.tmp`` / ``.part`` are ignored, so write-then-rename is always safe;
+2. its size and mtime have not changed for ``stable_s`` seconds and it is not empty;
+3. (checked by the caller) it decodes; a file that does not decode is skipped, and looked at again
+   only if it changes later (a writer that paused longer than ``stable_s``).
+
+Two sources tell the tracker about files: watchdog (inotify on Linux) by default, and polling
+(``--poll``) for network mounts where inotify sees nothing. Both only *nominate* paths; the tracker
+stats them itself, so a missed or duplicated event changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Protocol
+
+from .io import is_image_name
+
+log = logging.getLogger(__name__)
+
+def is_candidate_name(name: str) -> bool:
+    """An image file name that is not hidden. Partial names (``x.png.tmp``, ``x.jpg.part``) end
+    in a suffix that is not an image suffix, so they are never candidates either."""
+    return is_image_name(name)
+
+
+@dataclass
+class _Watch:
+    size: int
+    mtime_ns: int
+    first_seen: float  # wall-clock time the file was first seen (its arrival time)
+    changed_at: float  # monotonic time of the last size/mtime change
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """A file that looks complete: path, its size and mtime when it was judged stable, arrival time."""
+
+    path: Path
+    size: int
+    mtime_ns: int
+    arrived: float
+
+
+class ArrivalTracker:
+    """Keeps nominated files until they are stable; remembers files already handled.
+
+    ``handled`` maps a path to the (size, mtime_ns) it had when processed or skipped: the file is
+    not offered again unless it changes (a skipped file that is rewritten gets another try).
+    """
+
+    def __init__(self, root: Path, *, recursive: bool = False, stable_s: float = 0.5,
+                 exclude: Iterable[Path] = (), since_ns: int | None = None) -> None:
+        self.root = Path(root).resolve()
+        self.recursive = recursive
+        self.stable_s = float(stable_s)
+        self.exclude = tuple(Path(p).resolve() for p in exclude)
+        self.since_ns = since_ns
+        self.handled: dict[str, tuple[int, int]] = {}
+        self._watching: dict[Path, _Watch] = {}
+
+    def accepts(self, path: Path) -> bool:
+        """Name and place rules (not the content): image name, in the root (or below it)."""
+        if not is_candidate_name(path.name):
+            return False
+        try:
+            rel = path.relative_to(self.root)
+        except ValueError:
+            return False
+        if len(rel.parts) > 1 and (not self.recursive or any(p.startswith(".") for p in rel.parts[:-1])):
+            return False
+        return not any(path.is_relative_to(ex) for ex in self.exclude)
+
+    def nominate(self, path: Path | str) -> None:
+        """A source saw ``path`` appear or change."""
+        path = Path(path)
+        if not path.is_absolute():
+            path = self.root / path
+        if not self.accepts(path) or path in self._watching:
+            return
+        try:
+            st = path.stat()
+        except OSError:
+            return
+        if self.since_ns is not None and st.st_mtime_ns < self.since_ns:
+            return
+        if self.handled.get(str(path)) == (st.st_size, st.st_mtime_ns):
+            return
+        # Unchanged for stable_s already (a backlog at start-up): ready at the next check, so a
+        # backlog is taken in mtime order rather than in the order the folder listing gave.
+        age = max(0.0, time.time() - st.st_mtime_ns / 1e9)
+        self._watching[path] = _Watch(st.st_size, st.st_mtime_ns, time.time(),
+                                      time.monotonic() - min(age, self.stable_s))
+
+    def ready(self) -> list[Arrival]:
+        """Files that have been stable for ``stable_s``, oldest mtime first. They stop being watched."""
+        now = time.monotonic()
+        out = []
+        for path, w in list(self._watching.items()):
+            try:
+                st = path.stat()
+            except OSError:
+                log.info("%s vanished before it was complete; ignored", path)
+                del self._watching[path]
+                continue
+            if (st.st_size, st.st_mtime_ns) != (w.size, w.mtime_ns):
+                w.size, w.mtime_ns, w.changed_at = st.st_size, st.st_mtime_ns, now
+            elif st.st_size > 0 and now - w.changed_at >= self.stable_s:
+                out.append(Arrival(path, st.st_size, st.st_mtime_ns, w.first_seen))
+                del self._watching[path]
+        return sorted(out, key=lambda a: (a.mtime_ns, str(a.path)))
+
+    @property
+    def watching(self) -> int:
+        return len(self._watching)
+
+    def mark_handled(self, arrival: Arrival) -> None:
+        self.handled[str(arrival.path)] = (arrival.size, arrival.mtime_ns)
+
+    def scan(self) -> None:
+        """Nominate every accepted file in the folder (start-up, and each poll)."""
+        for path in _walk(self.root, self.recursive):
+            self.nominate(path)
+
+    def prune_handled(self) -> None:
+        """Forget handled files that are gone, so memory stays flat on a line that cleans up."""
+        self.handled = {p: v for p, v in self.handled.items() if os.path.exists(p)}
+
+
+def _walk(root: Path, recursive: bool) -> Iterable[Path]:
+    try:
+        with os.scandir(root) as it:
+            entries = list(it)
+    except OSError as e:
+        log.warning("cannot list %s: %s", root, e)
+        return
+    for e in entries:
+        if e.name.startswith("."):
+            continue
+        try:
+            if e.is_file():
+                yield Path(e.path)
+            elif recursive and e.is_dir(follow_symlinks=False):
+                yield from _walk(Path(e.path), recursive)
+        except OSError:
+            continue
+
+
+# ----------------------------------------------------------------------------------------- sources
+class Source(Protocol):
+    """Tells a tracker about files: ``poll()`` is called every loop tick; ``close()`` once."""
+
+    def poll(self, tracker: ArrivalTracker) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class PollSource:
+    """Rescan the folder every ``interval_s`` seconds (network mounts: no inotify events)."""
+
+    def __init__(self, interval_s: float = 1.0) -> None:
+        self.interval_s = float(interval_s)
+        self._next = 0.0
+        self._scans = 0
+
+    def poll(self, tracker: ArrivalTracker) -> None:
+        now = time.monotonic()
+        if now >= self._next:
+            tracker.scan()
+            self._next = now + self.interval_s
+            self._scans += 1
+            if self._scans % 100 == 0:
+                tracker.prune_handled()
+
+    def close(self) -> None:
+        pass
+
+
+class WatchdogSource:
+    """Filesystem events from watchdog (inotify on Linux); its thread only queues paths."""
+
+    def __init__(self, root: Path, recursive: bool) -> None:
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        self._queue: queue.SimpleQueue[str] = queue.SimpleQueue()
+        q = self._queue
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event) -> None:  # created, modified, closed, moved (to)
+                if event.is_directory or event.event_type == "deleted":
+                    return
+                q.put(getattr(event, "dest_path", "") or event.src_path)
+
+        self._observer = Observer()
+        self._observer.schedule(Handler(), str(root), recursive=recursive)
+        self._observer.daemon = True
+        self._observer.start()
+        self._seen = 0
+
+    def poll(self, tracker: ArrivalTracker) -> None:
+        while True:
+            try:
+                path = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            tracker.nominate(path)
+            self._seen += 1
+            if self._seen % 1000 == 0:
+                tracker.prune_handled()
+
+    def close(self) -> None:
+        self._observer.stop()
+        self._observer.join(timeout=5)

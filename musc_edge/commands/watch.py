@@ -1,0 +1,63 @@
+"""``musc-edge watch``: score each new image in a folder against a rolling pool (issue 4)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from musc_edge.options import device_option, heatmaps_option, k_option, model_option, out_option, r_option
+
+log = logging.getLogger(__name__)
+
+
+@click.command(name="watch")
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+@model_option
+@out_option
+@click.option("--window", "window", default=32, show_default=True, type=click.IntRange(1, 4096),
+              help="Stream images in the rolling pool (W); each new image costs W pair products.")
+@click.option("--delay", default=0, show_default=True, type=click.IntRange(0),
+              help="Report an image once D newer images have arrived (0: at once; D < W).")
+@click.option("--min-pool", "min_pool", default=8, show_default=True, type=click.IntRange(2),
+              help="Report nothing until the pool (references included) holds this many images.")
+@click.option("--reference", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="Folder of known-good images that seed the pool and never leave it.")
+@click.option("--threshold", type=float, default=None,
+              help="Add verdict 'anomalous' when image_score >= T, else 'good'.")
+@heatmaps_option
+@click.option("--poll", is_flag=True, help="Poll the folder instead of inotify (network mounts).")
+@click.option("--poll-interval", "poll_interval", default=1.0, show_default=True, type=click.FloatRange(0.05),
+              help="Seconds between scans with --poll.")
+@click.option("--new-only", "new_only", is_flag=True,
+              help="Ignore files older than the first start (by mtime); default: score them too.")
+@click.option("--recursive", is_flag=True, help="Also watch sub-folders.")
+@click.option("--stable", "stable_s", default=0.5, show_default=True, type=click.FloatRange(0.0),
+              help="Seconds a file's size and mtime must stay unchanged before it is read.")
+@click.option("--batch", default=8, show_default=True, type=click.IntRange(1, 1024),
+              help="Largest backbone batch when a backlog of files is ready at once.")
+@r_option
+@k_option
+@device_option
+def watch(folder: Path, model_path: Path, out_dir: Path, window: int, delay: int, min_pool: int,
+          reference: Path | None, threshold: float | None, heatmaps: bool, poll: bool, poll_interval: float,
+          new_only: bool, recursive: bool, stable_s: float, batch: int, r_list: tuple[int, ...],
+          k_list: tuple[int, ...], device: str) -> None:
+    """Watch FOLDER and score each new image as it lands.
+
+    One JSON line per image is appended to OUT/results.jsonl (flushed and fsynced); the pool and a
+    journal live in OUT/state/, so after a crash a restart reports every image exactly once.
+    SIGINT/SIGTERM finish the current image and exit 0.
+    """
+    from musc_edge.daemon import WatchConfig, WatchDaemon
+    from musc_edge.runtime.model import load_model
+
+    config = WatchConfig(folder=folder, out_dir=out_dir, window=window, delay=delay, min_pool=min_pool,
+                         reference=reference, threshold=threshold, heatmaps=heatmaps, poll=poll,
+                         poll_interval_s=poll_interval, new_only=new_only, recursive=recursive,
+                         stable_s=stable_s, batch=batch, r_list=r_list, k_list=k_list)
+    with load_model(model_path, device) as model:
+        summary = WatchDaemon(config, model).run()
+    click.echo(f"stopped: {summary.scored} images scored, {summary.reported} reported, "
+               f"{summary.skipped} skipped", err=True)

@@ -1,0 +1,310 @@
+"""The ``musc-edge watch`` loop: files in, one result line per image out, crash-safe (issue 4).
+
+Glue only: :mod:`musc_edge.arrivals` decides when a file is complete, the runtime turns it into
+features, :class:`musc_edge.window.RollingScorer` scores it against the rolling pool, and
+:class:`musc_edge.journal.StateDir` makes every step durable in an order that lets a restart
+finish what a crash interrupted (see the journal module for the protocol).
+
+Signals: SIGINT / SIGTERM set a stop flag; the image being added is finished and committed, then
+:meth:`WatchDaemon.run` returns (exit 0). Unprocessed files are not journaled and are picked up on
+the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from .arrivals import Arrival, ArrivalTracker, PollSource, Source, WatchdogSource, is_candidate_name
+from .errors import ImageDecodeError, InputError, StateError
+from .journal import StateDir
+from .meta import ModelMeta
+from .types import Features
+from .window import Emission, Entry, RollingScorer
+
+log = logging.getLogger(__name__)
+
+
+class Extractor(Protocol):
+    """What the daemon needs of a model (``musc_edge.runtime.model.FeatureExtractor`` is one)."""
+
+    @property
+    def meta(self) -> ModelMeta: ...
+
+    def __call__(self, batch: np.ndarray) -> Features: ...
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    """Settings of one watch run; the CLI flags of ``musc-edge watch`` map onto these fields."""
+
+    folder: Path
+    out_dir: Path
+    window: int = 32
+    delay: int = 0
+    min_pool: int = 8
+    reference: Path | None = None
+    threshold: float | None = None
+    heatmaps: bool = False
+    poll: bool = False
+    poll_interval_s: float = 1.0
+    new_only: bool = False
+    recursive: bool = False
+    stable_s: float = 0.5
+    batch: int = 8
+    r_list: tuple[int, ...] = (1, 3, 5)
+    k_list: tuple[int, ...] = (1, 2, 3)
+    interval: tuple[float, float] = (0.0, 0.3)
+    tick_s: float = 0.05
+
+
+@dataclass
+class WatchSummary:
+    """What a run did (for the exit message and for tests)."""
+
+    scored: int = 0
+    reported: int = 0
+    skipped: int = 0
+    replayed: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def iso_time(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds")
+
+
+class WatchDaemon:
+    """One watch run over a folder. ``run()`` returns when ``stop`` is set (or on a signal)."""
+
+    def __init__(self, config: WatchConfig, model: Extractor, stop: threading.Event | None = None) -> None:
+        self.config = config
+        self.model = model
+        self.meta = model.meta
+        self.stop = stop or threading.Event()
+        self.summary = WatchSummary()
+        folder = Path(config.folder)
+        if not folder.is_dir():
+            raise InputError(f"watch folder not found: {folder}; create it or fix the path")
+        if config.reference is not None and not Path(config.reference).is_dir():
+            raise InputError(f"--reference folder not found: {config.reference}")
+
+    # ------------------------------------------------------------------------------------ setup
+    def _settings(self, references: Sequence[str]) -> dict:
+        c = self.config
+        return {"window": c.window, "r_list": list(c.r_list), "k_list": list(c.k_list),
+                "interval": list(c.interval), "references": list(references)}
+
+    def _new_scorer(self, n_references: int) -> RollingScorer:
+        c, m = self.config, self.meta
+        return RollingScorer(m.grid, m.token_dims, m.embed_dim, capacity=c.window, delay=c.delay,
+                             min_pool=c.min_pool, n_references=n_references, r_list=c.r_list,
+                             interval=c.interval, k_list=c.k_list)
+
+    def _reference_paths(self) -> list[Path]:
+        ref = self.config.reference
+        if ref is None:
+            return []
+        paths = sorted(p for p in Path(ref).iterdir() if p.is_file() and is_candidate_name(p.name))
+        if not paths:
+            raise InputError(f"--reference {ref} holds no images (jpg, png, bmp, tif)")
+        return paths
+
+    def _open(self, state: StateDir, refs: list[Path]) -> None:
+        """Load saved state (checking it fits this model and these settings) or start afresh."""
+        settings = self.settings
+        saved = state.load_state()
+        if saved is None:
+            self.scorer = self._new_scorer(len(refs))
+            self.next_seq = 0
+            self.since_ns = time.time_ns() if self.config.new_only else None
+            self._add_references(state, refs)
+            self._commit(state)
+            return
+        saved_meta = ModelMeta.from_dict(saved["meta"], source=str(state.state_path))
+        if not saved_meta.compatible_with(self.meta):
+            raise StateError(
+                f"{state.dir} was made with model {saved_meta.backbone}/{saved_meta.weights} at "
+                f"{saved_meta.image_size} px, not {self.meta.backbone}/{self.meta.weights} at "
+                f"{self.meta.image_size} px; use that model, or another --out for a new pool")
+        changed = [k for k, v in settings.items() if saved["settings"].get(k) != v]
+        if changed:
+            was = ", ".join(f"{k}={saved['settings'].get(k)}" for k in changed)
+            raise StateError(f"{state.dir} was made with other settings ({was}); use the same "
+                             "settings, or another --out for a new pool")
+        self.scorer = self._new_scorer(len(refs))
+        self.next_seq = int(saved["next_seq"])
+        self.since_ns = saved.get("since_ns")
+        window = saved["window"]
+        entries = {s: state.load_entry(s) for s in window["references"] + window["stream"]}
+        self.scorer.restore(window, entries)
+        log.info("resumed %s: %d images in the pool, %d pending, next seq %d", state.dir,
+                 len(self.scorer.pool), len(self.scorer.pending), self.next_seq)
+
+    def _add_references(self, state: StateDir, refs: list[Path]) -> None:
+        """Reference images get seqs -R..-1: in the pool, never reported, never evicted."""
+        for i, path in enumerate(refs):
+            try:
+                x, _ = self._load(path)
+            except ImageDecodeError as e:
+                raise InputError(f"reference image cannot be used: {e}; remove it from {self.config.reference}") from None
+            feats = self.model(x[None])
+            seq = i - len(refs)
+            entry = self.scorer.pool.prepare(seq, [t[0] for t in feats.tokens], feats.embedding[0],
+                                             info={"path": str(path)})
+            state.save_entry(entry)
+            self.scorer.add_reference(entry)
+        if refs:
+            log.info("%d reference images seed the pool", len(refs))
+
+    def _load(self, path: Path) -> tuple[np.ndarray, tuple[int, int]]:
+        from musc_edge.runtime.preprocess import load_input
+
+        return load_input(path, self.meta)
+
+    # ------------------------------------------------------------------------------------ steps
+    def _commit(self, state: StateDir) -> None:
+        state.save_state({"meta": self.meta.to_dict(), "settings": self.settings,
+                          "next_seq": self.next_seq, "since_ns": self.since_ns,
+                          "window": self.scorer.state()})
+
+    def _apply(self, state: StateDir, entry: Entry, tracker: ArrivalTracker | None) -> None:
+        """Add a durable entry: push, report, journal, commit, drop the evicted entry."""
+        leaving = self.scorer.evictee()
+        emissions = self.scorer.push(entry)
+        lines = [self._line(e, state) for e in emissions if e.seq > state.last_reported]
+        self.summary.reported += state.report(lines)
+        info = entry.info
+        state.journal({"seq": entry.seq, "path": info["path"], "size": info["size"],
+                       "mtime_ns": info["mtime_ns"]})
+        self.next_seq = entry.seq + 1
+        self._commit(state)
+        if leaving is not None:
+            state.delete_entry(leaving)
+        if tracker is not None:
+            tracker.handled[info["path"]] = (info["size"], info["mtime_ns"])
+
+    def _line(self, e: Emission, state: StateDir) -> dict:
+        line = {"seq": e.seq, "path": e.info["path"], "arrival_time": e.info["arrival_time"],
+                "scoring_time": iso_time(time.time()), "image_score": round(e.image_score, 7),
+                "raw_score": round(e.raw_score, 7), "pool_size": e.pool_size}
+        if self.config.threshold is not None:
+            line["verdict"] = "anomalous" if e.image_score >= self.config.threshold else "good"
+        if self.config.heatmaps:
+            line["heatmap"] = self._write_heatmap(e, state)
+        return line
+
+    def _write_heatmap(self, e: Emission, state: StateDir) -> str | None:
+        """Overlay at the original size; colours scaled to the pool's map range (comparable)."""
+        from musc_edge.io import heatmap_overlay, write_png
+        from musc_edge.runtime.preprocess import decode_image
+        from musc_edge.scorer import upsample_map
+
+        path = state.out_dir / "heatmaps" / f"{e.seq:08d}_{Path(e.info['path']).stem}.png"
+        try:
+            image = decode_image(e.info["path"])
+        except ImageDecodeError as err:  # vanished since it was scored
+            log.warning("no heatmap for %s: %s", e.info["path"], err)
+            return None
+        amap = upsample_map(e.patch_map[None], image.shape[:2])[0]
+        write_png(path, heatmap_overlay(image, amap, *e.map_range))
+        return str(path)
+
+    def _process(self, state: StateDir, tracker: ArrivalTracker, arrivals: list[Arrival]) -> None:
+        """Decode, extract features in one batch, then add the images one by one."""
+        inputs, kept = [], []
+        for a in arrivals:
+            try:
+                x, hw = self._load(a.path)
+            except ImageDecodeError as e:
+                self._skip(state, tracker, a, str(e))
+                continue
+            inputs.append(x)
+            kept.append((a, hw))
+        if not inputs:
+            return
+        feats = self.model(np.stack(inputs))
+        for i, (a, hw) in enumerate(kept):
+            if self.stop.is_set():
+                return  # not journaled: picked up on the next start
+            info = {"path": str(a.path), "arrival_time": iso_time(a.arrived), "size": a.size,
+                    "mtime_ns": a.mtime_ns, "height": hw[0], "width": hw[1]}
+            entry = self.scorer.prepare(self.next_seq, [t[i] for t in feats.tokens], feats.embedding[i], info)
+            state.save_entry(entry)
+            self._apply(state, entry, tracker)
+            self.summary.scored += 1
+
+    def _skip(self, state: StateDir, tracker: ArrivalTracker, a: Arrival, reason: str) -> None:
+        log.warning("skipped: %s", reason)
+        self.summary.skipped += 1
+        tracker.mark_handled(a)
+        if a.path.exists():  # remembered: not retried unless the file changes
+            state.journal({"skip": str(a.path), "size": a.size, "mtime_ns": a.mtime_ns, "reason": reason})
+
+    # ------------------------------------------------------------------------------------ run
+    def run(self) -> WatchSummary:
+        c = self.config
+        state = StateDir(c.out_dir)
+        restore_signals = self._install_signals()
+        source: Source | None = None
+        try:
+            refs = self._reference_paths()
+            self.settings = self._settings([str(p.resolve()) for p in refs])
+            self._open(state, refs)
+            if state.has_entry(self.next_seq):  # crashed after the entry was written: finish it
+                self._apply(state, state.load_entry(self.next_seq), None)
+                self.summary.replayed += 1
+            state.drop_entries_except(set(self.scorer.pool.seqs))
+            tracker = ArrivalTracker(c.folder, recursive=c.recursive, stable_s=c.stable_s,
+                                     exclude=[c.out_dir], since_ns=self.since_ns)
+            self._load_journal(state, tracker)
+            source = PollSource(c.poll_interval_s) if c.poll else WatchdogSource(tracker.root, c.recursive)
+            tracker.scan()
+            log.info("watching %s (%s); results in %s", tracker.root, "poll" if c.poll else "inotify",
+                     state.results_path)
+            while not self.stop.is_set():
+                source.poll(tracker)
+                ready = tracker.ready()
+                if not ready:
+                    self.stop.wait(c.tick_s)
+                    continue
+                for start in range(0, len(ready), c.batch):
+                    if self.stop.is_set():
+                        break
+                    self._process(state, tracker, ready[start:start + c.batch])
+        finally:
+            if source is not None:
+                source.close()
+            restore_signals()
+            state.close()
+        return self.summary
+
+    def _load_journal(self, state: StateDir, tracker: ArrivalTracker) -> None:
+        """Fill the tracker's memory of handled files; compact the journal to files that exist."""
+        records = state.journal_records(self.next_seq)
+        live = []
+        for r in records:
+            path = r.get("path") or r.get("skip")
+            if Path(path).exists():
+                tracker.handled[path] = (int(r["size"]), int(r["mtime_ns"]))
+                live.append(r)
+        if len(live) < len(records):
+            state.compact_journal(live)
+
+    def _install_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def on_signal(signum, frame):  # noqa: ARG001
+            log.warning("%s: finishing the current image, then stopping", signal.Signals(signum).name)
+            self.stop.set()
+
+        old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        return lambda: [signal.signal(s, h) for s, h in old.items()]

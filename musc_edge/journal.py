@@ -1,0 +1,206 @@
+"""Durable state of the watch daemon: results.jsonl and OUTDIR/state/ (issue 4).
+
+The promise is that after a crash (kill -9, power loss) and a restart every image appears in
+``results.jsonl`` exactly once. It rests on four files, each written so that a crash leaves either
+the old or the new version, never half of one:
+
+- ``state/entries/<seq>.npz``: the prepared window entry of each image in the pool (its tokens,
+  embedding and pair rows, :class:`musc_edge.window.Entry`). Written *first*, atomically
+  (temp file, fsync, rename, fsync of the folder): it is the redo log of the image being added.
+- ``results.jsonl``: one line per reported image carrying its ``seq``. Reports come in seq order,
+  so the highest seq in the file says what has been reported; a line cut by a crash is dropped.
+- ``state/journal.jsonl``: append-only; one record per processed file (``seq``, path, size, mtime)
+  and one per skipped file, so neither is looked at again.
+- ``state/state.json``: the commit point, rewritten atomically after each image: the model's
+  metadata, the settings, ``next_seq`` and the window's order (references, stream, pending).
+
+The daemon adds image k in this order: entry k, results lines, journal record, state.json
+(``next_seq = k + 1``), then deletes the entries that left the window. On start, an entry with seq
+== ``next_seq`` means the crash came after the entry was written: that image is replayed from its
+entry (no backbone needed) and only result lines with a seq above the file's highest are written,
+journal records of seq >= ``next_seq`` are ignored until written again.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from .errors import StateError
+from .window import Entry
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------- primitives
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new content."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def append_durably(path: Path, lines: Iterable[str]) -> None:
+    """Append whole lines in one write, then flush and fsync."""
+    text = "".join(line.rstrip("\n") + "\n" for line in lines)
+    if not text:
+        return
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: Path, *, repair: bool = False) -> list[dict]:
+    """Read a JSON-lines file. A last line cut short by a crash is dropped (and cut off the file
+    when ``repair``); a bad line elsewhere is a :class:`StateError`.
+    """
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    records: list[dict] = []
+    good_end = 0
+    pos = 0
+    while pos < len(raw):
+        nl = raw.find(b"\n", pos)
+        if nl < 0:  # no newline: the tail of an interrupted write
+            break
+        try:
+            records.append(json.loads(raw[pos:nl]))
+        except json.JSONDecodeError:
+            if raw.find(b"\n", nl + 1) >= 0:
+                raise StateError(f"{path}: line {len(records) + 1} is not JSON; fix or move the file") from None
+            break  # the last line was garbled by a crash
+        pos = good_end = nl + 1
+    if good_end < len(raw):
+        log.warning("%s: dropping %d bytes of an interrupted write", path, len(raw) - good_end)
+        if repair:
+            with open(path, "r+b") as f:
+                f.truncate(good_end)
+                os.fsync(f.fileno())
+    return records
+
+
+# ----------------------------------------------------------------------------------------- entries
+def entry_to_bytes(entry: Entry) -> bytes:
+    arrays = {f"tokens_{i}": t for i, t in enumerate(entry.tokens)}
+    buf = io.BytesIO()
+    np.savez(buf, seq=np.int64(entry.seq), embedding=entry.embedding, partners=entry.partners,
+             d_out=entry.d_out, d_in=entry.d_in, info=np.array(json.dumps(entry.info)), **arrays)
+    return buf.getvalue()
+
+
+def entry_from_file(path: Path) -> Entry:
+    with np.load(path, allow_pickle=False) as f:
+        n_layers = sum(1 for k in f.files if k.startswith("tokens_"))
+        return Entry(seq=int(f["seq"]), tokens=tuple(f[f"tokens_{i}"] for i in range(n_layers)),
+                     embedding=f["embedding"], partners=f["partners"], d_out=f["d_out"], d_in=f["d_in"],
+                     info=json.loads(str(f["info"])))
+
+
+# ----------------------------------------------------------------------------------------- state dir
+class StateDir:
+    """OUTDIR/results.jsonl and OUTDIR/state/, held under an exclusive lock while open."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = Path(out_dir)
+        self.dir = self.out_dir / "state"
+        self.entries_dir = self.dir / "entries"
+        self.results_path = self.out_dir / "results.jsonl"
+        self.journal_path = self.dir / "journal.jsonl"
+        self.state_path = self.dir / "state.json"
+        self.entries_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.dir / "lock", "a")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise StateError(f"{self.out_dir} is in use by another musc-edge watch; stop it or pick another --out") from None
+        self.last_reported = max((int(r["seq"]) for r in read_jsonl(self.results_path, repair=True)), default=-1)
+
+    def close(self) -> None:
+        self._lock.close()
+
+    # state.json
+    def load_state(self) -> dict | None:
+        if not self.state_path.exists():
+            return None
+        try:
+            state = json.loads(self.state_path.read_text())
+        except json.JSONDecodeError as e:
+            raise StateError(f"{self.state_path} is corrupt ({e}); move {self.dir} away to start afresh") from None
+        if state.get("version") != STATE_VERSION:
+            raise StateError(f"{self.state_path} has state version {state.get('version')}, this musc-edge "
+                             f"reads {STATE_VERSION}; finish with the old version or use a new --out")
+        return state
+
+    def save_state(self, state: dict) -> None:
+        atomic_write(self.state_path, json.dumps({**state, "version": STATE_VERSION}).encode())
+
+    # entries
+    def entry_path(self, seq: int) -> Path:
+        return self.entries_dir / f"{seq:012d}.npz"
+
+    def save_entry(self, entry: Entry) -> None:
+        atomic_write(self.entry_path(entry.seq), entry_to_bytes(entry))
+
+    def load_entry(self, seq: int) -> Entry:
+        path = self.entry_path(seq)
+        try:
+            return entry_from_file(path)
+        except (OSError, ValueError, KeyError) as e:
+            raise StateError(f"{path} cannot be read ({e}); move {self.dir} away to start afresh") from None
+
+    def has_entry(self, seq: int) -> bool:
+        return self.entry_path(seq).exists()
+
+    def drop_entries_except(self, keep: set[int]) -> None:
+        for path in self.entries_dir.glob("*.npz"):
+            if path.stem.isdigit() and int(path.stem) not in keep:
+                path.unlink(missing_ok=True)
+
+    def delete_entry(self, seq: int) -> None:
+        self.entry_path(seq).unlink(missing_ok=True)
+
+    # results and journal
+    def report(self, lines: list[dict]) -> int:
+        """Append result lines whose seq is above the last reported one; returns how many."""
+        fresh = [line for line in lines if int(line["seq"]) > self.last_reported]
+        append_durably(self.results_path, (json.dumps(line) for line in fresh))
+        if fresh:
+            self.last_reported = int(fresh[-1]["seq"])
+        return len(fresh)
+
+    def journal(self, record: dict) -> None:
+        append_durably(self.journal_path, [json.dumps(record)])
+
+    def journal_records(self, next_seq: int) -> list[dict]:
+        """Committed journal records: skips, and processed files with seq < ``next_seq``."""
+        return [r for r in read_jsonl(self.journal_path, repair=True)
+                if "seq" not in r or int(r["seq"]) < next_seq]
+
+    def compact_journal(self, records: list[dict]) -> None:
+        """Rewrite the journal with only ``records`` (those whose files still exist)."""
+        atomic_write(self.journal_path, "".join(json.dumps(r) + "\n" for r in records).encode())
