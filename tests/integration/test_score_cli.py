@@ -1,0 +1,204 @@
+"""`musc-edge score` end to end on synthetic folders with a tiny ONNX model (no torch)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+cv2 = pytest.importorskip("cv2")
+pytest.importorskip("onnx")
+
+from musc_edge.cli import main  # noqa: E402
+from musc_edge.runtime.testing import make_tiny_model, tiny_meta  # noqa: E402
+
+
+def tile(rng, h, w):
+    """A plain textured surface, like a line part under even light."""
+    return np.clip(120 + rng.normal(0, 6, (h, w)), 0, 255).astype(np.uint8)
+
+
+def make_category(root, n_good=10, defects=("blob", "scratch"), n_each=2, seed=0, same_stems=True):
+    """MVTec layout: test/good, test/<defect> with masks in ground_truth/<defect>/<stem>_mask.png."""
+    rng = np.random.default_rng(seed)
+    (root / "test" / "good").mkdir(parents=True)
+    for i in range(n_good):
+        h, w = int(rng.integers(50, 70)), int(rng.integers(40, 80))
+        cv2.imwrite(str(root / "test" / "good" / f"{i:03d}.png"), tile(rng, h, w))
+    for d in defects:
+        (root / "test" / d).mkdir(parents=True)
+        (root / "ground_truth" / d).mkdir(parents=True)
+        for i in range(n_each):
+            h, w = int(rng.integers(50, 70)), int(rng.integers(40, 80))
+            img, mask = tile(rng, h, w), np.zeros((h, w), np.uint8)
+            if d == "blob":
+                mask[15:32, 12:30] = 255
+            else:
+                mask[h // 2 - 3: h // 2 + 3, 5: w - 5] = 255
+            img[mask > 0] = 250
+            stem = f"{i:03d}" if same_stems else f"{d}_{i:03d}"
+            cv2.imwrite(str(root / "test" / d / f"{stem}.png"), img)
+            cv2.imwrite(str(root / "ground_truth" / d / f"{stem}_mask.png"), mask)
+    return root
+
+
+@pytest.fixture()
+def model(tmp_path):
+    return make_tiny_model(tmp_path / "tiny.onnx", meta=tiny_meta(image_size=64, patch_size=8))
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_score_mvtec_category(tmp_path, model, capsys):
+    data = make_category(tmp_path / "cat")
+    (data / "test" / "good" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x01" * 50)
+    out = tmp_path / "out"
+    rc = main(["score", str(data), "--model", str(model), "--out", str(out), "--heatmaps", "--batch", "3"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "scored 14 of 15 images (1 skipped)" in captured.out
+    assert "auroc" in captured.out and "features" in captured.err  # summary table; progress bar on stderr
+
+    rows = read_csv(out / "scores.csv")
+    assert list(rows[0]) == ["path", "image_score", "raw_score", "label"]
+    assert len(rows) == 14
+    labels = {r["path"].split("/test/")[1]: int(r["label"]) for r in rows}
+    assert labels["good/000.png"] == 0 and labels["blob/000.png"] == 1 and labels["scratch/001.png"] == 1
+    scores = {r["path"].split("/test/")[1]: float(r["image_score"]) for r in rows}
+    worst_good = max(v for k, v in scores.items() if k.startswith("good/"))
+    assert min(v for k, v in scores.items() if not k.startswith("good/")) > worst_good  # the defects stand out
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["image"]) == {"auroc", "ap", "f1_max"}
+    assert set(metrics["pixel"]) == {"auroc", "ap", "f1_max", "aupro"}
+    assert metrics["image"]["auroc"] == 1.0
+    assert metrics["pixel"]["auroc"] > 0.8
+    assert metrics["counts"] == {"images": 14, "defective": 4, "normal": 10, "pixel_images": 14}
+
+    run = json.loads((out / "run.json").read_text())
+    assert run["counts"] == {"found": 15, "scored": 14, "skipped": 1}
+    assert run["skipped"][0]["path"].endswith("corrupt.png") and "png" in run["skipped"][0]["reason"]
+    assert run["model"]["meta"]["backbone"] == "tiny_patchify"
+    assert run["settings"]["r"] == [1, 3, 5] and run["settings"]["batch"] == 3
+    for stage in ("decode_preprocess_s", "inference_s", "score_s", "metrics_s", "heatmaps_s", "total_s"):
+        assert run["timings_s"][stage] >= 0
+
+    # one overlay per scored image, at its original size, no collisions between defect types
+    maps = sorted(p.relative_to(out / "maps").as_posix() for p in (out / "maps").rglob("*.png"))
+    assert len(maps) == 14 and "blob/000.png" in maps and "scratch/000.png" in maps
+    for rel in ("blob/000.png", "good/003.png"):
+        overlay = cv2.imread(str(out / "maps" / rel))
+        original = cv2.imread(str(data / "test" / rel))
+        assert overlay.shape == original.shape
+
+
+def test_flat_folder_without_labels(tmp_path, model):
+    rng = np.random.default_rng(1)
+    data = tmp_path / "flat"
+    data.mkdir()
+    for i in range(5):
+        cv2.imwrite(str(data / f"part_{i}.jpg"), tile(rng, 48, 64))
+    cv2.imwrite(str(data / "part_0.bmp"), tile(rng, 48, 64))  # same stem, other suffix
+    out = tmp_path / "out"
+    assert main(["score", str(data), "--model", str(model), "--out", str(out), "--heatmaps", "--quiet",
+                 "--r", "1,3", "--k", "1,2"]) == 0
+    rows = read_csv(out / "scores.csv")
+    assert list(rows[0]) == ["path", "image_score", "raw_score"] and len(rows) == 6
+    assert not (out / "metrics.json").exists()
+    names = sorted(p.name for p in (out / "maps").iterdir())
+    assert len(names) == 6 and "part_0.jpg.png" in names and "part_0.bmp.png" in names
+    run = json.loads((out / "run.json").read_text())
+    assert run["layout"] == "flat" and run["settings"]["k"] == [1, 2]
+
+
+def test_flat_folder_with_a_mask_folder(tmp_path, model):
+    rng = np.random.default_rng(2)
+    data, masks = tmp_path / "imgs", tmp_path / "masks"
+    data.mkdir()
+    masks.mkdir()
+    for i in range(6):
+        img = tile(rng, 50, 50)
+        if i == 4:
+            mask = np.zeros((50, 50), np.uint8)
+            mask[10:25, 10:25] = 255
+            img[mask > 0] = 250
+            cv2.imwrite(str(masks / f"p{i}_mask.png"), mask)
+        cv2.imwrite(str(data / f"p{i}.png"), img)
+    out = tmp_path / "out"
+    assert main(["score", str(data), "--model", str(model), "--out", str(out), "--gt", str(masks), "--quiet"]) == 0
+    rows = read_csv(out / "scores.csv")
+    assert [int(r["label"]) for r in rows] == [0, 0, 0, 0, 1, 0]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["image"]["auroc"] == 1.0 and metrics["pixel"]["aupro"] is not None
+
+
+def test_gt_none_ignores_ground_truth(tmp_path, model):
+    data = make_category(tmp_path / "cat", n_good=4, defects=("blob",), n_each=1)
+    out = tmp_path / "out"
+    assert main(["score", str(data), "--model", str(model), "--out", str(out), "--gt", "none", "--quiet"]) == 0
+    assert not (out / "metrics.json").exists()
+    assert "label" not in read_csv(out / "scores.csv")[0]
+
+
+def run_cli(*args):
+    proc = subprocess.run([sys.executable, "-m", "musc_edge", *map(str, args)], capture_output=True, text=True,
+                          timeout=120)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def one_error_line(stderr: str) -> str:
+    lines = [ln for ln in stderr.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+def test_bad_inputs_exit_2_with_one_line(tmp_path, model):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rc, _, err = run_cli("score", empty, "--model", model, "--out", tmp_path / "o1")
+    assert rc == 2 and "no images" in one_error_line(err)
+
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "a.png").write_text("not an image")
+    (texts / "b.jpg").write_text("not an image")
+    rc, _, err = run_cli("score", texts, "--model", model, "--out", tmp_path / "o2", "--quiet")
+    line = one_error_line(err)
+    assert rc == 2 and "only 0 readable image(s)" in line and "2 skipped" in line
+
+    data = make_category(tmp_path / "cat", n_good=3, defects=("blob",), n_each=1)
+    plain = make_tiny_model(tmp_path / "plain.onnx", with_metadata=False)
+    rc, _, err = run_cli("score", data, "--model", plain, "--out", tmp_path / "o3")
+    assert rc == 2 and "no musc-edge metadata" in one_error_line(err)
+
+    rc, _, err = run_cli("score", data, "--model", tmp_path / "missing.onnx", "--out", tmp_path / "o4")
+    assert rc == 2 and "not found" in one_error_line(err)
+
+    rc, _, err = run_cli("score", tmp_path / "nowhere", "--model", model, "--out", tmp_path / "o5")
+    assert rc == 2 and "does not exist" in one_error_line(err)
+
+    rc, _, err = run_cli("score", data, "--model", model, "--out", tmp_path / "o6", "--gt", tmp_path / "nomasks")
+    assert rc == 2 and "no such mask folder" in one_error_line(err)
+
+    rc, _, err = run_cli("score", data, "--model", model, "--out", tmp_path / "o7", "--r", "1,x")
+    assert rc == 2 and "--r expects" in one_error_line(err)
+
+    rc, _, err = run_cli("score", data, "--model", model, "--out", tmp_path / "o8", "--device", "cuda")
+    if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers():
+        assert rc == 2 and "available devices" in one_error_line(err)
+
+
+def test_random_weights_model_warns(tmp_path):
+    data = make_category(tmp_path / "cat", n_good=3, defects=("blob",), n_each=1)
+    model = make_tiny_model(tmp_path / "random.onnx", meta=tiny_meta(weights="random"))
+    rc, out, err = run_cli("score", data, "--model", model, "--out", tmp_path / "o", "--quiet")
+    assert rc == 0
+    assert "random weights" in err and "mean nothing" in err
+    assert "random-weights model" in out
