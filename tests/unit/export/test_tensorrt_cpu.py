@@ -5,7 +5,6 @@ The build and the runner themselves need TensorRT and a GPU: tests/gpu/test_tens
 
 from __future__ import annotations
 
-import json
 import sys
 import types
 from pathlib import Path
@@ -163,7 +162,6 @@ def test_cuda_call_unpacks_and_names_failures():
         runner.cuda_call((bad, None), "cudaMalloc")
 
 
-def test_runtime_module_has_no_torch_import():
+def test_engine_modules_never_import_torch():
     src = Path(runner.__file__).read_text() + Path(build.__file__).read_text()
-    assert "import torch" not in src and "pycuda" not in src.replace("no pycuda", "")
-    assert json.loads(json.dumps({"ok": 1}))
+    assert "import torch" not in src and "from torch" not in src

@@ -1,0 +1,275 @@
+"""Build a TensorRT engine from an exported ONNX backbone (TensorRT 10 and 11).
+
+TensorRT 11 removed the weak-typing builder flags (``BuilderFlag.FP16``, ``INT8``,
+``OBEY_PRECISION_CONSTRAINTS``) and the implicit INT8 calibrators. We therefore build the same
+way on both versions: the precision lives *in the ONNX graph* and the network is strongly typed
+(``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` on 10; always on in 11):
+
+``fp16``
+    The graph is converted to FP16 before the build (ONNX Runtime's ``float16`` converter, I/O
+    kept FP32), except the ops that need range or accumulation precision, which stay FP32:
+    LayerNormalization, Softmax and the reductions/divisions of decomposed norms and of the
+    embedding's L2 normalisation (:data:`FP32_OPS`).
+``int8``
+    Explicit quantization: a graph with Q/DQ nodes. An ONNX file that already has them (from
+    ``musc-edge calibrate --mode trt`` or ModelOpt) is built as is; otherwise ``calib_dir``
+    images calibrate it here, with NVIDIA ModelOpt's ONNX PTQ when it is installed (it places
+    Q/DQ by TensorRT's rules and casts the rest to FP16, keeping LayerNorm/Softmax precise) or
+    else our ONNX Runtime ``trt`` mode (symmetric int8 Q/DQ on Conv/MatMul/Gemm inputs only;
+    everything else, LayerNorm and Softmax included, stays FP32).
+``fp32``
+    The graph as exported (a reference engine for parity checks).
+
+Every engine has one optimization profile, batch 1..``max_batch`` (optimum at ``max_batch``), a
+persistent timing cache (kernel timings reused across builds, so a rebuild takes seconds, not
+minutes) and a JSON sidecar ``<engine>.json`` with the model metadata plus the TensorRT and CUDA
+versions, which the runner checks (``musc_edge.runtime.backends.tensorrt``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from musc_edge.errors import InputError, ModelError
+from musc_edge.meta import ModelMeta
+from musc_edge.runtime.backends.tensorrt import (SIDECAR_VERSION_KEY, cuda_info, import_cudart, import_tensorrt,
+                                                 version_tuple, write_sidecar)
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "int8")
+QUANTIZERS = ("auto", "modelopt", "ort")
+ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+#: Ops kept in FP32 in an FP16 engine (see the module docstring).
+FP32_OPS = ("LayerNormalization", "Softmax", "ReduceMean", "ReduceL2", "ReduceSumSquare", "Pow", "Sqrt",
+            "Reciprocal", "Div", "Erf")
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+DEFAULT_CALIB_IMAGES = 64
+
+
+def default_timing_cache() -> Path:
+    """``$XDG_CACHE_HOME/musc-edge/trt/timing.cache``: the user cache, never the working directory."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "musc-edge" / "trt" / "timing.cache"
+
+
+# ------------------------------------------------------------------------------------ argument checks
+def check_build_args(onnx_path: Path, engine_path: Path, precision: str, calib_dir: Path | None, max_batch: int,
+                     has_qdq: bool, quantizer: str = "auto") -> None:
+    """Refuse a combination that cannot give the engine asked for, before TensorRT is touched."""
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if quantizer not in QUANTIZERS:
+        raise InputError(f"unknown quantizer {quantizer!r}; choose one of {', '.join(QUANTIZERS)}")
+    if not 1 <= int(max_batch) <= 1024:
+        raise InputError(f"--max-batch must be between 1 and 1024, got {max_batch}")
+    if engine_path.suffix.lower() not in ENGINE_SUFFIXES:
+        raise InputError(f"engine file {engine_path.name} must end in {', '.join(ENGINE_SUFFIXES)} so the runtime "
+                         "recognises it")
+    if engine_path.resolve() == onnx_path.resolve():
+        raise InputError("the engine path must differ from the ONNX model's")
+    if calib_dir is not None and precision != "int8":
+        raise InputError("--calib is for INT8 calibration: add --precision int8")
+    if precision == "int8" and not has_qdq and calib_dir is None:
+        raise InputError(f"{onnx_path.name} has no Q/DQ nodes: INT8 needs calibration images (--calib DIR), or a "
+                         "Q/DQ model from `musc-edge calibrate --mode trt`")
+    if precision == "int8" and has_qdq and calib_dir is not None:
+        raise InputError(f"{onnx_path.name} is already quantized (Q/DQ); drop --calib, or pass the FP32 model")
+    if precision != "int8" and has_qdq:
+        raise InputError(f"{onnx_path.name} is an INT8 Q/DQ model, which a strongly typed network builds in INT8 "
+                         "whatever the flag: use --precision int8, or pass the FP32 model")
+
+
+def network_flags(trt: Any) -> int:
+    """Network creation flags: STRONGLY_TYPED on TensorRT 10 (strong typing is always on in 11)."""
+    major = version_tuple(trt.__version__)[:1] or (0,)
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    if major[0] >= 11 or flag is None:
+        if major[0] < 10:
+            raise ModelError(f"TensorRT {trt.__version__} is too old: musc-edge builds strongly typed networks "
+                             "(TensorRT >= 10)")
+        return 0
+    return 1 << int(flag)
+
+
+def profile_shapes(meta: ModelMeta, max_batch: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """(min, opt, max) input shapes of the one optimization profile: batch 1..max_batch."""
+    s = meta.image_size
+    return (1, 3, s, s), (max_batch, 3, s, s), (max_batch, 3, s, s)
+
+
+# ------------------------------------------------------------------------------------ graph precision
+def has_qdq(onnx_path: Path) -> bool:
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return any(n.op_type in QDQ_OPS for n in model.graph.node)
+
+
+def to_fp16(src: Path, dst: Path) -> Path:
+    """FP16 copy of the graph for a strongly typed build; :data:`FP32_OPS` and the I/O stay FP32."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(src))
+    converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(FP32_OPS))
+    onnx.save(converted, str(dst))
+    return dst
+
+
+def calibration_batch(calib_dir: Path, meta: ModelMeta, num: int = DEFAULT_CALIB_IMAGES) -> tuple[np.ndarray, list[Path]]:
+    """Up to ``num`` preprocessed images of ``calib_dir`` (spread over the folder), for ModelOpt."""
+    from musc_edge.calibration.reader import MIN_CALIBRATION_IMAGES, load_batch
+    from musc_edge.io import discover
+
+    paths = [s.path for s in discover(calib_dir, "auto").samples]
+    if len(paths) < MIN_CALIBRATION_IMAGES:
+        raise InputError(f"--calib {calib_dir} has {len(paths)} images; INT8 calibration needs at least "
+                         f"{MIN_CALIBRATION_IMAGES} (64 or more is typical)")
+    pick = np.linspace(0, len(paths) - 1, min(num, len(paths))).round().astype(int)
+    batch, used = load_batch([paths[i] for i in sorted(set(pick))], meta)
+    if len(used) < MIN_CALIBRATION_IMAGES:
+        raise InputError(f"only {len(used)} images of {calib_dir} could be read; INT8 calibration needs at least "
+                         f"{MIN_CALIBRATION_IMAGES}")
+    return batch, used
+
+
+def quantize_for_tensorrt(src: Path, dst: Path, meta: ModelMeta, calib_dir: Path, quantizer: str = "auto",
+                          num: int = DEFAULT_CALIB_IMAGES) -> str:
+    """Write a Q/DQ model for TensorRT from ``calib_dir`` images; return which quantizer made it."""
+    use_modelopt = quantizer == "modelopt"
+    if quantizer == "auto":
+        try:
+            import modelopt.onnx.quantization  # noqa: F401
+            use_modelopt = True
+        except ImportError:
+            use_modelopt = False
+    if use_modelopt:
+        try:
+            from modelopt.onnx.quantization import quantize as modelopt_quantize
+        except ImportError:
+            raise InputError("--quantizer modelopt needs NVIDIA ModelOpt: pip install 'nvidia-modelopt[onnx]'") from None
+        batch, _ = calibration_batch(calib_dir, meta, num)
+        modelopt_quantize(str(src), quantize_mode="int8", calibration_data={meta.input_name: batch},
+                          calibration_method="entropy", output_path=str(dst), high_precision_dtype="fp16")
+        return "modelopt"
+    from musc_edge.calibration.quantize import make_config, quantize_model
+    from musc_edge.calibration.reader import split_images
+
+    n_images = len(discover_images(calib_dir))
+    split = split_images(calib_dir, max(4, min(num, n_images - 2)), holdout=2)
+    quantize_model(src, dst, make_config("trt", "minmax", num=len(split.calibration)), split.calibration)
+    return "onnxruntime-trt"
+
+
+def discover_images(folder: Path) -> list[Path]:
+    from musc_edge.io import discover
+
+    return [s.path for s in discover(folder, "auto").samples]
+
+
+# ----------------------------------------------------------------------------------------- build
+def build_engine(onnx_path: str | Path, engine_path: str | Path, meta: ModelMeta, precision: str = "fp16",
+                 calib_dir: str | Path | None = None, max_batch: int = 8, *, timing_cache: str | Path | None = None,
+                 quantizer: str = "auto", num_calib: int = DEFAULT_CALIB_IMAGES,
+                 workspace_gib: float | None = None) -> Path:
+    """Build ``engine_path`` (and its ``.json`` sidecar) from ``onnx_path``; return the engine path.
+
+    precision: fp16 | int8 | fp32 (see the module docstring). calib_dir: line images for INT8
+    when the ONNX file has no Q/DQ nodes. max_batch: the profile's largest batch.
+    timing_cache: kernel timing cache file (default :func:`default_timing_cache`), read if it
+    exists and written back after the build. quantizer: auto | modelopt | ort for INT8
+    calibration here. workspace_gib: builder scratch memory limit (default: TensorRT's).
+    """
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    calib = Path(calib_dir) if calib_dir is not None else None
+    precision = (precision or "").lower()
+    if not onnx_path.is_file():
+        raise ModelError(f"ONNX model not found: {onnx_path}; export it with `musc-edge export`")
+    qdq = has_qdq(onnx_path)
+    check_build_args(onnx_path, engine_path, precision, calib, max_batch, qdq, quantizer)
+    trt = import_tensorrt()
+    cudart = import_cudart()
+    cache_path = Path(timing_cache) if timing_cache else default_timing_cache()
+    engine_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="musc-edge-trt-") as tmp:
+        graph, how = onnx_path, "as exported"
+        if precision == "fp16":
+            graph, how = to_fp16(onnx_path, Path(tmp) / "fp16.onnx"), "onnxruntime float16 converter"
+        elif precision == "int8" and not qdq:
+            graph = Path(tmp) / "qdq.onnx"
+            how = quantize_for_tensorrt(onnx_path, graph, meta, calib, quantizer, num_calib)  # type: ignore[arg-type]
+        elif precision == "int8":
+            how = "Q/DQ model as given"
+        plan = _build(trt, graph, meta, max_batch, cache_path, workspace_gib)
+    tmp_engine = engine_path.with_name(engine_path.name + ".tmp")
+    tmp_engine.write_bytes(plan)
+    tmp_engine.replace(engine_path)
+    facts = build_facts(trt.__version__, precision, max_batch, how, onnx_path, cache_path)
+    facts.update(cuda_info(cudart))
+    write_sidecar(engine_path, meta, facts)
+    log.info("built %s (%s, batch 1..%d, TensorRT %s)", engine_path, precision, max_batch, trt.__version__)
+    return engine_path
+
+
+def build_facts(trt_version: str, precision: str, max_batch: int, how: str, onnx_path: Path,
+                cache_path: Path) -> dict[str, Any]:
+    """The sidecar's build entries (besides the model metadata and the CUDA facts)."""
+    return {
+        SIDECAR_VERSION_KEY: trt_version,
+        "precision": precision,
+        "precision_source": how,
+        "strongly_typed": True,
+        "max_batch": int(max_batch),
+        "source_onnx": onnx_path.name,
+        "timing_cache": str(cache_path),
+        "built_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def _build(trt: Any, graph: Path, meta: ModelMeta, max_batch: int, cache_path: Path,
+           workspace_gib: float | None) -> bytes:
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(network_flags(trt))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(graph)):
+        errors = "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors))
+        raise ModelError(f"TensorRT cannot parse {graph.name}: {errors[:400]}")
+    config = builder.create_builder_config()
+    if workspace_gib:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    profile = builder.create_optimization_profile()
+    profile.set_shape(meta.input_name, *profile_shapes(meta, max_batch))
+    config.add_optimization_profile(profile)
+    _load_timing_cache(config, cache_path)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise ModelError(f"TensorRT failed to build an engine from {graph.name}; see the TensorRT log above")
+    _save_timing_cache(config.get_timing_cache(), cache_path)  # now holds this build's timings too
+    return bytes(plan)
+
+
+def _load_timing_cache(config: Any, path: Path) -> None:
+    """Attach the timing cache at ``path`` (or a new one); a cache from elsewhere is replaced."""
+    data = b""
+    if path.is_file():
+        data = path.read_bytes()
+    cache = config.create_timing_cache(data)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        log.warning("timing cache %s was made by another TensorRT or GPU; starting a new one", path)
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+
+
+def _save_timing_cache(cache: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(bytes(cache.serialize()))
+    tmp.replace(path)
