@@ -14,7 +14,7 @@ Default: 500 random-blob masks of 224 x 224 (25 M pixels), float32 maps. Times, 
   absolute difference between their values and ours.
 
 Run: ``python benchmarks/bench_metrics.py [--n 500] [--size 224] [--repeat 3] [--no-sklearn]
-[--no-baseline]`` (about a minute with both comparisons at the default size on 2 cores).
+[--dtype float32|float64] [--no-baseline]`` (about a minute with both comparisons at the default size on 2 cores).
 """
 
 from __future__ import annotations
@@ -92,10 +92,13 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224, help="mask side in pixels")
     parser.add_argument("--repeat", type=int, default=3, help="runs per timing (best is reported)")
     parser.add_argument("--no-sklearn", action="store_true", help="skip the scikit-learn comparison")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                        help="map dtype (the scorer's upsampled maps are float64)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the per-threshold AUPRO baseline")
     args = parser.parse_args()
 
     masks, maps = blob_masks_and_maps(args.n, args.size)
+    maps = maps.astype(args.dtype, copy=False)
     r = args.repeat
     t_pool, pooled = best_of(r, lambda: M._pool_pixels(masks, maps, regions=True))
     t_rank, counts = best_of(r, lambda: M.rank_counts(pooled.scores, pooled.positive_scores))

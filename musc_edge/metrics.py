@@ -290,6 +290,8 @@ def aupro_thresholds(vmin: float, vmax: float, steps: int = 200) -> np.ndarray:
     This is exactly how the authors' evaluation spaces them, including numpy's float ``arange``
     length: for about 6% of (min, max) pairs rounding yields ``steps + 1`` thresholds (the last one
     within rounding of ``max``), and the released numbers include that point, so we keep it.
+    min and max are taken exactly in float64 whatever the maps' dtype: the authors' maps are
+    float64; had they been float32, their code would have computed the step in float32.
     """
     vmin, vmax = float(vmin), float(vmax)
     return np.arange(vmin, vmax, (vmax - vmin) / steps)
