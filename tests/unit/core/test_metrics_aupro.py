@@ -152,3 +152,17 @@ def test_counts_above_float64_thresholds_compare_exactly(dtype):
     above, positives_above = rank_counts(scores, scores[positive]).count_above(ths)
     np.testing.assert_array_equal(above, [(values > t).sum() for t in ths])
     np.testing.assert_array_equal(positives_above, [(values[positive] > t).sum() for t in ths])
+
+
+def test_real_mtd_masks_of_different_sizes(mtd_dir):
+    # Real defect shapes (thin cracks, blowholes) on non-square images of different sizes.
+    import cv2
+
+    paths = sorted((mtd_dir / "ground_truth").glob("*/*_mask.png"))[::20][:6]
+    assert len(paths) == 6, f"MTD masks not found under {mtd_dir}"
+    masks = [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) > 127 for p in paths]
+    assert len({m.shape for m in masks}) > 1 and any(m.any() for m in masks)
+    rng = np.random.default_rng(0)
+    maps = [ndimage.uniform_filter(rng.random(m.shape), 9) + 0.05 * ndimage.uniform_filter(m * 1.0, 5)
+            for m in masks]
+    assert aupro(masks, maps) == pytest.approx(spec_aupro(masks, maps), rel=1e-9)
