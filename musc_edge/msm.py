@@ -22,6 +22,8 @@ How it is computed (and why it is fast):
 from __future__ import annotations
 
 import math
+import sys
+import types
 
 import numpy as np
 
@@ -158,6 +160,24 @@ def _block_minima(zi: np.ndarray, zj: np.ndarray, want_cols: bool) -> tuple[np.n
     return rows, cols
 
 
+def _as_unit_float32(z: np.ndarray) -> np.ndarray:
+    """float32 C-contiguous unit vectors; float16 input is re-normalised (its rounding moves unit
+    vectors off the sphere by ~1e-3, and ``2 - 2 a.b`` needs them on it). Anything else that is
+    not unit length is refused: MSM's distances are only right for LNAMD's output."""
+    low_precision = z.dtype == np.float16
+    z = np.ascontiguousarray(z, dtype=np.float32)
+    sq = np.einsum("nlc,nlc->nl", z, z)
+    if low_precision:
+        return z / np.sqrt(np.maximum(sq, 1e-30))[..., None]
+    if not np.all(np.abs(sq - 1.0) < 1e-4):
+        bad = float(np.abs(sq - 1.0).max())
+        raise InputError(
+            f"msm needs unit vectors (LNAMD output), but squared norms deviate from 1 by up to {bad:.3g}; "
+            "pass musc_edge.lnamd.lnamd(tokens, r)"
+        )
+    return z
+
+
 def _group_sizes(n: int, L: int, budget_for_block: int) -> tuple[int, int]:
     """Row and column group sizes (images) so that one product block fits the budget."""
     per_pair = 4 * L * L * 3  # product + its reshaped reductions/temporaries, generous
@@ -178,7 +198,8 @@ def msm(
 ) -> np.ndarray:
     """MSM patch scores of one (layer, r) LNAMD output (MUSC_SPEC 3).
 
-    z: (N, L, C) unit vectors (float32 or float16). Returns (N, L) float64.
+    z: (N, L, C) unit vectors (float32; float16 is re-normalised after the cast). Returns (N, L)
+    float64.
     ``mem_budget_bytes`` bounds the extra memory (distance table + product block), whatever N is.
     """
     z = np.asarray(z)
@@ -186,7 +207,7 @@ def msm(
         raise InputError(f"msm needs (N, L, C) patch features, got shape {z.shape}")
     n, L, c = z.shape
     interval_bounds(n - 1, interval)  # validates N >= 2 and the interval
-    z = np.ascontiguousarray(z, dtype=np.float32)
+    z = _as_unit_float32(z)
 
     table_row_bytes = 4 * n * L  # one image's distances to every other image
     block_budget = max(mem_budget_bytes // 4, 4 * L * L * 3)
@@ -227,3 +248,18 @@ def _score_owner_block(z, o0, o1, bi, bj, interval, out) -> None:
         t[i] = np.inf  # self distance (0) is not another image
         others = np.delete(t, i, axis=0)
         out[i] = interval_mean(others, interval)
+
+
+class _CallableModule(types.ModuleType):
+    """``musc_edge.msm`` is both this module and, as the issue asks, the public MSM function.
+
+    Importing a submodule sets the package attribute to the module, which would shadow the lazily
+    exported function; making the module callable keeps ``musc_edge.msm(z)`` and
+    ``musc_edge.msm.interval_bounds`` both working.
+    """
+
+    def __call__(self, *args, **kwargs):
+        return msm(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
