@@ -180,24 +180,33 @@ def _f1_max(rc: RankCounts) -> float:
 # --------------------------------------------------------------------------------------------
 
 
+def _is_real(dtype: np.dtype) -> bool:
+    return np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)
+
+
+def _as_binary(arr: np.ndarray, what: str, hint: str = "") -> np.ndarray:
+    """A bool array from bool or 0/1 numbers; anything else is an InputError naming ``what``."""
+    if arr.dtype == bool:
+        return arr
+    expected = f"expected {what} of 0 (normal) or 1 (anomalous), or bool"
+    if not _is_real(arr.dtype):
+        raise InputError(f"{expected}, but got dtype {arr.dtype}")
+    bad = (arr != 0) & (arr != 1)
+    if bad.any():
+        raise InputError(f"{expected}, but got values {np.unique(arr[bad])[:5].tolist()}{hint}")
+    return arr == 1
+
+
 def _binary_labels(labels: ArrayLike) -> np.ndarray:
     arr = np.asarray(labels)
     if arr.ndim != 1:
         raise InputError(f"expected labels of shape (N,), but got shape {arr.shape}")
-    if arr.dtype == bool:
-        return arr
-    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-        raise InputError(f"expected labels of 0 (normal) or 1 (anomalous), but got dtype {arr.dtype}")
-    bad = (arr != 0) & (arr != 1)
-    if bad.any():
-        shown = np.unique(arr[bad])[:5].tolist()
-        raise InputError(f"expected labels of 0 (normal) or 1 (anomalous), but got values {shown}")
-    return arr == 1
+    return _as_binary(arr, "labels")
 
 
 def _finite_scores(scores: ArrayLike, what: str) -> np.ndarray:
     arr = np.asarray(scores)
-    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+    if arr.dtype == bool or not _is_real(arr.dtype):
         raise InputError(f"expected real-valued {what}, but got dtype {arr.dtype}")
     if arr.dtype == np.float16:
         arr = arr.astype(np.float32)  # exact; float32 sorts fast
@@ -213,15 +222,7 @@ def _mask_array(mask, index: int) -> np.ndarray:
     if arr.ndim != 2:
         raise InputError(f"expected mask {index} to be 2-D (H, W), but got shape {arr.shape}; "
                          "pass masks as (N, H, W) or a list of (H, W) arrays")
-    if arr.dtype == bool:
-        return arr
-    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-        raise InputError(f"expected mask {index} of bool or 0/1, but got dtype {arr.dtype}")
-    bad = (arr != 0) & (arr != 1)
-    if bad.any():
-        raise InputError(f"expected mask {index} of bool or 0/1, but got values up to {arr[bad].max()}; "
-                         "threshold 8-bit masks first (mask > 127)")
-    return arr == 1
+    return _as_binary(arr, f"mask {index}", "; threshold 8-bit masks first (mask > 127)")
 
 
 def _map_array(amap, index: int, shape: tuple) -> np.ndarray:
@@ -255,6 +256,8 @@ def _pool_pixels(masks: ArrayLike, maps: ArrayLike, *, regions: bool) -> _Pooled
         raise InputError(f"expected one map per mask ({len(masks)} masks), but got {len(maps)} maps")
     if len(masks) == 0:
         raise InputError("expected at least one mask and map, but got none")
+    if regions:
+        import cv2  # a runtime dependency; imported only when regions are needed (import cost)
     all_scores, pos_scores, pos_weights = [], [], []
     n_regions = 0
     for i in range(len(masks)):  # indexing, not iteration: lazy sequences load one image at a time
@@ -262,8 +265,6 @@ def _pool_pixels(masks: ArrayLike, maps: ArrayLike, *, regions: bool) -> _Pooled
         a = _map_array(maps[i], i, m.shape)
         all_scores.append(a.ravel())
         if regions and m.any():
-            import cv2  # OpenCV is a runtime dependency; imported here to keep import time low
-
             n_labels, labelled = cv2.connectedComponents(np.ascontiguousarray(m, dtype=np.uint8), connectivity=8)
             area = np.bincount(labelled.ravel(), minlength=n_labels)
             inside = labelled[m]

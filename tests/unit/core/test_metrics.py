@@ -87,11 +87,12 @@ def test_image_metrics_single_class_is_an_error_naming_it(only):
     ("labels", "scores", "message"),
     [
         ([0, 1, 1], [0.1, 0.2], r"expected image scores of shape \(3,\) like the labels, but got \(2,\)"),
-        ([0, 1, 2], [0.1, 0.2, 0.3], r"expected labels of 0 \(normal\) or 1 \(anomalous\), but got values \[2\]"),
+        ([0, 1, 2], [0.1, 0.2, 0.3], r"expected labels of 0 \(normal\) or 1 \(anomalous\), or bool, but got values \[2\]"),
         ([[0, 1]], [[0.1, 0.2]], r"expected labels of shape \(N,\), but got shape \(1, 2\)"),
         ([0, 1], [0.1, np.nan], r"expected finite image scores, but got NaN or inf"),
         ([0, 1], [0.1, np.inf], r"expected finite image scores, but got NaN or inf"),
         ([0, 1], ["a", "b"], r"expected real-valued image scores, but got dtype <U1"),
+        (["n", "a"], [0.1, 0.2], r"expected labels of 0 \(normal\) or 1 \(anomalous\), or bool, but got dtype <U1"),
     ],
 )
 def test_image_metrics_input_errors(labels, scores, message):
@@ -196,7 +197,8 @@ def test_pixel_metrics_defined_everywhere_issue_no_warning():
         ([np.zeros((4, 4))] * 2, [np.zeros((4, 4))],
          r"expected one map per mask \(2 masks\), but got 1 maps"),
         ([np.full((4, 4), 255, np.uint8)], [np.zeros((4, 4))],
-         r"expected mask 0 of bool or 0/1, but got values up to 255; threshold 8-bit masks first \(mask > 127\)"),
+         r"expected mask 0 of 0 \(normal\) or 1 \(anomalous\), or bool, but got values \[255\]; "
+         r"threshold 8-bit masks first \(mask > 127\)"),
         (np.zeros((4, 4)), np.zeros((4, 4)),
          r"expected mask 0 to be 2-D \(H, W\), but got shape \(4,\)"),
         ([np.zeros((2, 2))], [np.array([[0.0, np.nan], [0.0, 0.0]])],
