@@ -196,7 +196,9 @@ class WatchDaemon:
                 "scoring_time": iso_time(time.time()), "image_score": round(e.image_score, 7),
                 "raw_score": round(e.raw_score, 7), "pool_size": e.pool_size}
         if self.config.threshold is not None:
-            line["verdict"] = "anomalous" if e.image_score >= self.config.threshold else "good"
+            # On the raw score: RsCIN min-max normalises within each window (MUSC_SPEC 5), so the
+            # top image of every window scores near 1, defective or not.
+            line["verdict"] = "anomalous" if e.raw_score >= self.config.threshold else "good"
         if self.config.heatmaps:
             line["heatmap"] = self._write_heatmap(e, state)
         return line

@@ -37,8 +37,9 @@ import numpy as np
 
 from .errors import InputError, StateError
 from .lnamd import lnamd, patch_grid
-from .msm import interval_bounds, pair_min_distances
+from .msm import EXACT_BELOW_D2, interval_bounds
 from .rscin import rscin
+from .types import Scores
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,41 @@ class Emission:
     map_range: tuple[float, float]
 
 
+def pair_rows(z_new: np.ndarray, zs: np.ndarray, block_bytes: int = 8 << 20) -> tuple[np.ndarray, np.ndarray]:
+    """Min distances between one image and each of P others, one product per pair (MUSC_SPEC 3).
+
+    z_new: (L, C) unit vectors; zs: (P, L, C) unit vectors (read in place, blockwise).
+    Returns (d_out, d_in), both (P, L) float32: d_out[j] = patches of the new image scored by
+    image j, d_in[j] = patches of image j scored by the new image.
+    Numerics as :mod:`musc_edge.msm`: the float32 estimate sqrt(2 - 2 a.b) from the product, and
+    where it is small (d^2 < ``EXACT_BELOW_D2``, where cancellation costs digits) ||a - b|| of the
+    arg-max patch pair in float64.
+    """
+    p, L, c = zs.shape
+    d_out = np.empty((p, L), np.float32)
+    d_in = np.empty((p, L), np.float32)
+    step = max(1, block_bytes // (4 * L * L))
+    limit = np.float32(np.sqrt(EXACT_BELOW_D2))
+    for j0 in range(0, p, step):
+        block = zs[j0:j0 + step]
+        b = block.shape[0]
+        sim = (block.reshape(b * L, c) @ z_new.T).reshape(b, L, L)  # sim[j, n, m] = z_j,n . z_new,m
+        for axis, out in ((1, d_out), (2, d_in)):
+            best = sim.argmax(axis=axis)  # (b, L): arg-max patch of the other image
+            s = np.take_along_axis(sim, np.expand_dims(best, axis), axis).squeeze(axis)
+            d = np.sqrt(np.maximum(np.float32(2.0) - np.float32(2.0) * s, np.float32(0.0)))
+            jj, kk = np.nonzero(d < limit)
+            if jj.size:
+                if axis == 1:  # new patch kk against patch best of image j
+                    a, bb = z_new[kk], block[jj, best[jj, kk]]
+                else:  # patch kk of image j against new patch best
+                    a, bb = block[jj, kk], z_new[best[jj, kk]]
+                diff = a.astype(np.float64) - bb.astype(np.float64)
+                d[jj, kk] = np.sqrt(np.einsum("kc,kc->k", diff, diff))
+            out[j0:j0 + b] = d
+    return d_out, d_in
+
+
 class PoolWindow:
     """A pool of at most ``slots`` images with their LNAMD features and pair min-distances.
 
@@ -123,6 +159,11 @@ class PoolWindow:
         return seq in self._slot_of
 
     @property
+    def nbytes(self) -> int:
+        """Bytes of the preallocated arrays: fixed for the pool's life, whatever streams through."""
+        return self._d.nbytes + self._emb.nbytes + sum(z.nbytes for z in self._z)
+
+    @property
     def seqs(self) -> list[int]:
         """Seqs of the images in the pool, in the order they were added."""
         return list(self._slot_of)
@@ -147,21 +188,23 @@ class PoolWindow:
         """Compute an image's entry against ``partners`` (default: the whole pool). Pure.
 
         One product per (partner, combination) gives both directions (MUSC_SPEC 3), so the cost is
-        linear in the number of partners.
+        linear in the number of partners. The products run against whole blocks of slots in place
+        (no gather); rows of slots that are not partners are dropped.
         """
         emb = np.asarray(embedding, np.float32).reshape(-1)
         if emb.shape != (self.embed_dim,):
             raise InputError(f"expected an embedding of {self.embed_dim} values, got {emb.shape}")
         z = self.features(tokens)
         partners = np.asarray(self.seqs if partners is None else list(partners), np.int64)
+        slots = np.asarray([self._slot_of[int(s)] for s in partners], np.int64)
         n_patches = self.grid * self.grid
         d_out = np.empty((len(partners), len(self.combos), n_patches), np.float32)
         d_in = np.empty_like(d_out)
-        for p, other in enumerate(partners.tolist()):
-            slot = self._slot_of[other]
+        if len(slots):
+            hi = int(slots.max()) + 1
             for q in range(len(self.combos)):
-                # Older image first, as the batch scorer orders a pool: the same float32 products.
-                d_in[p, q], d_out[p, q] = pair_min_distances(self._z[q][slot], z[q])
+                rows_out, rows_in = pair_rows(z[q], self._z[q][:hi])
+                d_out[:, q], d_in[:, q] = rows_out[slots], rows_in[slots]
         return Entry(int(seq), tuple(np.asarray(t) for t in tokens), emb, partners, d_out, d_in,
                      dict(info or {}), z)
 
@@ -198,20 +241,27 @@ class PoolWindow:
         self._free.append(slot)
 
     # --- scoring ----------------------------------------------------------------------------
-    def patch_map(self, seq: int) -> np.ndarray:
-        """(G, G) float64 MSM map of one image against the rest of the pool (MUSC_SPEC 3).
+    def patch_maps(self, seqs: Sequence[int]) -> np.ndarray:
+        """(len(seqs), G, G) float64 MSM maps against the rest of the pool (MUSC_SPEC 3).
 
-        Cost: one selection over (Q, L, slots) values, linear in the pool size.
+        Cost per image: one selection over its (Q, L, slots) row of d, linear in the pool size.
+        Images are taken in chunks of about 16 MB so the temporary copy stays small.
         """
         n = len(self._slot_of)
         if n < 2:
             raise InputError(f"MuSc needs at least 2 images in the pool, got {n}")
         lo, hi = interval_bounds(n - 1, self.interval)
-        row = self._d[self._slot_of[seq]]  # (Q, L, slots); self and free slots are +inf
-        kth = [lo, hi - 1] if hi - 1 > lo else [lo]
-        part = np.partition(row, kth, axis=-1)[..., lo:hi]
-        a = part.mean(axis=-1, dtype=np.float64)  # (Q, L): A_i for each layer and r
-        return a.mean(axis=0).reshape(self.grid, self.grid)
+        # The lo smallest are below position lo and the rest of [lo, hi) below hi - 1 after this.
+        kth = sorted({lo, hi - 1}) if lo > 0 else [hi - 1]
+        slots = [self._slot_of[s] for s in seqs]
+        chunk = max(1, (16 << 20) // self._d[0].nbytes)
+        out = np.empty((len(slots), self.grid * self.grid), np.float64)
+        for c0 in range(0, len(slots), chunk):
+            rows = self._d[slots[c0:c0 + chunk]]  # (c, Q, L, slots); self and free slots are +inf
+            part = np.partition(rows, kth, axis=-1)[..., lo:hi]
+            a = part.mean(axis=-1, dtype=np.float64)  # (c, Q, L): A_i for each layer and r
+            out[c0:c0 + chunk] = a.mean(axis=1)
+        return out.reshape(len(slots), self.grid, self.grid)
 
     def score_all(self) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray]:
         """Score the whole pool: (seqs, patch maps (N, G, G), raw scores (N,), RsCIN scores (N,)).
@@ -219,7 +269,7 @@ class PoolWindow:
         RsCIN (MUSC_SPEC 5) needs every image's raw score, so this is N selections.
         """
         seqs = self.seqs
-        maps = np.stack([self.patch_map(s) for s in seqs])
+        maps = self.patch_maps(seqs)
         raw = maps.reshape(len(seqs), -1).max(axis=1)
         emb = self._emb[[self._slot_of[s] for s in seqs]]
         return seqs, maps, raw, rscin(raw, emb, self.k_list)
@@ -339,3 +389,39 @@ class RollingScorer:
         if any(s not in self.stream for s in pending):
             raise StateError("saved state lists pending images that are not in the window")
         self.pending.extend(pending)
+
+
+def stream_scores(layer_tokens: Sequence[np.ndarray], embedding: np.ndarray, *, window: int,
+                  r_list: Sequence[int] = (1, 3, 5), interval: tuple[float, float] = (0.0, 0.3),
+                  k_list: Sequence[int] = (1, 2, 3)) -> Scores:
+    """Score N images in their given order as a stream through a rolling window of ``window``.
+
+    Each image is scored against a centred window (``window // 2`` newer images, the rest older;
+    the last ones against the final window), so the scoring costs O(N * W) pair products and
+    O(W) memory instead of batch MuSc's O(N^2). With N <= window the whole set is one pool and
+    this is :func:`musc_edge.scorer.score_tokens`.
+    layer_tokens: (N, 1 + G*G, C_l) per tapped layer; embedding: (N, D). Returns Scores in order.
+    """
+    from .scorer import score_tokens
+
+    n = int(np.asarray(embedding).shape[0])
+    if n <= window:
+        return score_tokens(list(layer_tokens), embedding, r_list=tuple(r_list), interval=interval,
+                            k_list=tuple(k_list))
+    g = patch_grid(layer_tokens[0].shape[1])
+    scorer = RollingScorer(g, [t.shape[2] for t in layer_tokens], embedding.shape[1], capacity=window,
+                           delay=window // 2, min_pool=2, r_list=r_list, interval=interval, k_list=k_list)
+    maps = np.empty((n, g, g), np.float64)
+    raw, final = np.empty(n), np.empty(n)
+    done = 0
+    for i in range(n):
+        entry = scorer.prepare(i, [t[i] for t in layer_tokens], embedding[i])
+        for e in scorer.push(entry):
+            maps[e.seq], raw[e.seq], final[e.seq] = e.patch_map, e.raw_score, e.image_score
+            done += 1
+    for e in scorer.flush():
+        maps[e.seq], raw[e.seq], final[e.seq] = e.patch_map, e.raw_score, e.image_score
+        done += 1
+    if done != n:  # cannot happen: delay < window and flush reports the rest
+        raise StateError(f"stream scoring reported {done} of {n} images")
+    return Scores(maps, raw, final)

@@ -25,8 +25,12 @@ from musc_edge.options import (batch_option, device_option, heatmaps_option, k_o
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Threads decoding images ahead of the model.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--window", type=click.IntRange(2), default=None,
+              help="Score as a stream, in listing order: each image against a rolling window of W images "
+                   "(W/2 newer), O(N*W) instead of O(N^2) pair products.")
 def score(data_dir: Path, model_path: Path, out_dir: Path, batch: int, r_list: tuple[int, ...],
-          k_list: tuple[int, ...], gt: str, heatmaps: bool, device: str, workers: int, quiet: bool) -> None:
+          k_list: tuple[int, ...], gt: str, heatmaps: bool, device: str, workers: int, quiet: bool,
+          window: int | None) -> None:
     """Score every image of DIR against the others (MuSc, zero-shot) and write the results.
 
     DIR is a flat folder of images (jpg/png/bmp/tiff) or an MVTec-style category
@@ -36,12 +40,24 @@ def score(data_dir: Path, model_path: Path, out_dir: Path, batch: int, r_list: t
 
     Example: musc-edge score data/magnetic_tile --model effnet.onnx --out results --heatmaps
     """
-    from musc_edge.batch import ScoreSettings, score_folder
+    from musc_edge.batch import ScoreSettings, batch_score_step, score_folder
 
     settings = ScoreSettings(batch_size=batch, r_list=r_list, k_list=k_list, gt=gt, heatmaps=heatmaps,
                              device=device, workers=workers, progress=not quiet)
-    result = score_folder(data_dir, model_path, out_dir, settings)
+    step = batch_score_step if window is None else window_score_step(window)
+    result = score_folder(data_dir, model_path, out_dir, settings, score_step=step)
     click.echo(format_summary(result.run, result.metrics, result.out_dir, result.files))
+
+
+def window_score_step(window: int):
+    """A score step (see ``musc_edge.batch.ScoreStep``) that streams the pool through a window."""
+    from musc_edge.window import stream_scores
+
+    def step(tokens, embedding, r_list, k_list):
+        return stream_scores(tokens, embedding, window=window, r_list=tuple(r_list), k_list=tuple(k_list))
+
+    step.__name__ = f"rolling_window_{window}"
+    return step
 
 
 def format_summary(run: dict, metrics: dict | None, out_dir: Path, files: dict[str, str]) -> str:

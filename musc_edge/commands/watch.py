@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 @click.option("--reference", type=click.Path(file_okay=False, exists=True, path_type=Path),
               help="Folder of known-good images that seed the pool and never leave it.")
 @click.option("--threshold", type=float, default=None,
-              help="Add verdict 'anomalous' when image_score >= T, else 'good'.")
+              help="Add verdict 'anomalous' when raw_score >= T, else 'good' (raw: comparable across windows).")
 @heatmaps_option
 @click.option("--poll", is_flag=True, help="Poll the folder instead of inotify (network mounts).")
 @click.option("--poll-interval", "poll_interval", default=1.0, show_default=True, type=click.FloatRange(0.05),

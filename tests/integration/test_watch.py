@@ -46,7 +46,7 @@ def test_existing_and_new_images_are_each_reported_once(tmp_path, model) -> None
         [f"old_{i}.png" for i in range(5)] + [f"new_{i}.png" for i in range(5)])
     for line in lines:
         assert FIELDS <= set(line) and line["verdict"] in ("good", "anomalous")
-        assert line["verdict"] == ("anomalous" if line["image_score"] >= 0.5 else "good")
+        assert line["verdict"] == ("anomalous" if line["raw_score"] >= 0.5 else "good")
         assert line["scoring_time"] >= line["arrival_time"]
     assert [Path(line["path"]).name for line in lines][5:] == [f"new_{i}.png" for i in range(5)]
     assert max(lines[5:], key=lambda line: line["raw_score"])["path"].endswith("new_2.png")
