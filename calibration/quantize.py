@@ -177,7 +177,10 @@ def quantize_model(model_path: str | Path, out_path: str | Path, config: QuantCo
         if config.mode == "dynamic":
             _quantize_dynamic(prepared, out_path)
         else:
-            reader = ImageFolderReader(calibration_images, meta, batch_size=config.batch)
+            # ORT's histogram collectors (entropy, percentile) stack the batches they see, so every
+            # batch must have the same shape: feed those one image at a time
+            per_call = config.batch if config.method == "minmax" else 1
+            reader = ImageFolderReader(calibration_images, meta, batch_size=per_call)
             _quantize_static(prepared, out_path, reader, config)
             used = tuple(reader.used)
     result = QuantResult(path=out_path, config=config, meta=meta, calibration_images=used)

@@ -139,3 +139,11 @@ def test_quantization_prop_does_not_disturb_metadata(tmp_path, tiny_model):
     quantize_model(tiny_model, out, make_config("dynamic"), ())
     props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert QUANT_PROP in props and ModelMeta.from_props(props) == read_meta(tiny_model)
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_histogram_methods_with_a_partial_last_batch(tmp_path, tiny_model, split, method):
+    # 8 images in batches of 3 would leave a batch of 2, which ORT's histogram collector cannot stack
+    out = tmp_path / f"{method}.onnx"
+    quantize_model(tiny_model, out, make_config("static", method, num=8, batch=3), split.calibration)
+    assert quantization_info(out)["method"] == method
