@@ -39,7 +39,7 @@ _EXACT_CHUNK = 1024
 
 #: Largest product block (bytes) we aim for: big enough for BLAS to run at peak, small enough to
 #: stay near the cache and to leave the budget to the distance table.
-_TARGET_BLOCK_BYTES = 24 << 20
+_TARGET_BLOCK_BYTES = 32 << 20
 
 #: Images per row group: the diagonal group blocks multiply bI * bI pairs where bI*(bI-1)/2 are
 #: needed, so the wasted work is about bI / N of the total; small keeps that low.
@@ -120,12 +120,16 @@ def interval_mean(dists: np.ndarray, interval: tuple[float, float] = (0.0, 0.3))
     return part.astype(np.float64).mean(axis=0)
 
 
-def _block_minima(zi: np.ndarray, zj: np.ndarray, want_cols: bool) -> tuple[np.ndarray, np.ndarray | None]:
+def _block_minima(
+    zi: np.ndarray, zj: np.ndarray, want_cols: bool, same_start: bool = False
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Min distances for every (image in row group, image in column group) pair, one product.
 
     zi: (bI, L, C), zj: (bJ, L, C) float32 unit vectors.
     Returns rows (bI, bJ, L): patch m of row image a to column image b; and, if ``want_cols``,
     cols (bJ, bI, L): patch n of column image b to row image a. float32.
+    ``same_start``: both groups start at the same image (a diagonal block); its self pairs are set
+    to +inf (they are not "other images") before anything is recomputed for them.
     """
     bi, L, c = zi.shape
     bj = zj.shape[0]
@@ -136,6 +140,9 @@ def _block_minima(zi: np.ndarray, zj: np.ndarray, want_cols: bool) -> tuple[np.n
 
     pr = p.reshape(bi * L, bj, L)
     rows = _d_from_sim(pr.max(axis=2))  # (bI*L, bJ)
+    n_self = min(bi, bj) if same_start else 0
+    for a in range(n_self):
+        rows[a * L : (a + 1) * L, a] = np.inf
     r_idx, b_idx = np.nonzero(rows < limit)
     if r_idx.size:
         if r_idx.size * 8 > rows.size:  # many: one SIMD arg-max pass beats a gather per entry
@@ -149,6 +156,8 @@ def _block_minima(zi: np.ndarray, zj: np.ndarray, want_cols: bool) -> tuple[np.n
     if want_cols:
         pc = p.reshape(bi, L, bj * L)
         cols = _d_from_sim(pc.max(axis=1))  # (bI, bJ*L)
+        for a in range(n_self):
+            cols[a, a * L : (a + 1) * L] = np.inf
         a_idx, col_idx = np.nonzero(cols < limit)
         if a_idx.size:
             if a_idx.size * 8 > cols.size:  # many: transpose once, then a contiguous arg-max
@@ -180,7 +189,7 @@ def _as_unit_float32(z: np.ndarray) -> np.ndarray:
 
 def _group_sizes(n: int, L: int, budget_for_block: int) -> tuple[int, int]:
     """Row and column group sizes (images) so that one product block fits the budget."""
-    per_pair = 4 * L * L * 3  # product + its reshaped reductions/temporaries, generous
+    per_pair = 4 * L * L * 2  # the product block + its transposed copy (exact-recompute path)
     bi = max(1, min(_ROW_GROUP, n))
     bj_target = max(1, min(_TARGET_BLOCK_BYTES, budget_for_block) // (per_pair * bi))
     if bj_target < 1:
@@ -231,7 +240,7 @@ def _score_owner_block(z, o0, o1, bi, bj, interval, out) -> None:
         i1 = min(o1, i0 + bi)
         for j0 in range(i0, o1, bj):
             j1 = min(o1, j0 + bj)
-            rows, cols = _block_minima(z[i0:i1], z[j0:j1], want_cols=True)
+            rows, cols = _block_minima(z[i0:i1], z[j0:j1], want_cols=True, same_start=j0 == i0)
             table[i0 - o0 : i1 - o0, j0:j1] = rows
             table[j0 - o0 : j1 - o0, i0:i1] = cols
     # Pairs with images outside the block: row direction only (the budget has no room for them).
@@ -241,7 +250,7 @@ def _score_owner_block(z, o0, o1, bi, bj, interval, out) -> None:
         for a, b in outside:
             for j0 in range(a, b, bj):
                 j1 = min(b, j0 + bj)
-                rows, _ = _block_minima(z[i0:i1], z[j0:j1], want_cols=False)
+                rows, _ = _block_minima(z[i0:i1], z[j0:j1], want_cols=False, same_start=j0 == i0)
                 table[i0 - o0 : i1 - o0, j0:j1] = rows
     for i in range(o0, o1):
         t = table[i - o0]
