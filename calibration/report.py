@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,15 +81,16 @@ def compare_outputs(fp32: Any, int8: Any, paths: Sequence[Path], batch_size: int
 
 
 # -------------------------------------------------------------------------------------------- speed
-def compare_speed(fp32: Any, int8: Any, batch: np.ndarray, repeats: int = 5) -> dict[str, float]:
+def compare_speed(fp32: Any, int8: Any, batch: np.ndarray, repeats: int = 5,
+                  clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Images/s of both extractors on ``batch``, timed interleaved; median of ``repeats`` rounds."""
     fp32(batch), int8(batch)  # warm-up: first runs allocate and pick kernels
     t_fp32, t_int8 = [], []
     for _ in range(max(1, repeats)):
         for model, times in ((fp32, t_fp32), (int8, t_int8)):
-            t = time.perf_counter()
+            t = clock()
             model(batch)
-            times.append(time.perf_counter() - t)
+            times.append(clock() - t)
     f, q = statistics.median(t_fp32), statistics.median(t_int8)
     b = len(batch)
     return {"batch": b, "repeats": max(1, repeats), "fp32_images_per_s": round(b / f, 3),

@@ -34,21 +34,21 @@ def test_report_path():
 
 def test_speed_is_measured_side_by_side():
     calls = []
+    now = [0.0]
 
-    class Fake:
-        def __init__(self, name, delay):
-            self.name, self.delay = name, delay
+    class Fake:  # advances a fake clock: FP32 takes 4 units per batch, INT8 1 (the first run 10: warm-up)
+        def __init__(self, name, cost):
+            self.name, self.cost = name, cost
 
         def __call__(self, batch):
+            now[0] += 10.0 if self.name not in calls else self.cost
             calls.append(self.name)
-            t = __import__("time").perf_counter()
-            while __import__("time").perf_counter() - t < self.delay:
-                pass
             return Features(tokens=(), embedding=np.zeros((len(batch), 1)))
 
-    speed = compare_speed(Fake("fp32", 0.004), Fake("int8", 0.001), np.zeros((4, 3, 8, 8), np.float32), repeats=3)
-    assert calls == ["fp32", "int8"] * 4  # warm-up, then interleaved
-    assert speed["batch"] == 4 and 2.0 < speed["ratio"] < 8.0
+    speed = compare_speed(Fake("fp32", 4.0), Fake("int8", 1.0), np.zeros((4, 3, 8, 8), np.float32), repeats=3,
+                          clock=lambda: now[0])
+    assert calls == ["fp32", "int8"] * 4  # warm-up (not timed), then interleaved
+    assert speed == {"batch": 4, "repeats": 3, "fp32_images_per_s": 1.0, "int8_images_per_s": 4.0, "ratio": 4.0}
 
 
 def test_full_report_on_the_mtd_sample(tmp_path, tiny_model, sample_dir):
