@@ -2,8 +2,8 @@
 
 Cameras and copy tools write files in pieces. A file is offered for scoring only when
 
-1. its name is an image name that is not being written: names starting with '.' and names
-   ending in ``.tmp`` / ``.part`` are ignored, so write-then-rename is always safe;
+1. its name is an image name (jpg/png/bmp/tiff) that is not hidden: names starting with '.' and
+   names ending in ``.tmp`` / ``.part`` are ignored, so write-then-rename is always safe;
 2. its size and mtime have not changed for ``stable_s`` seconds and it is not empty;
 3. (checked by the caller) it decodes; a file that does not decode is skipped, and looked at again
    only if it changes later (a writer that paused longer than ``stable_s``).
@@ -26,12 +26,6 @@ from typing import Iterable, Protocol
 from .io import is_image_name
 
 log = logging.getLogger(__name__)
-
-def is_candidate_name(name: str) -> bool:
-    """An image file name that is not hidden. Partial names (``x.png.tmp``, ``x.jpg.part``) end
-    in a suffix that is not an image suffix, so they are never candidates either."""
-    return is_image_name(name)
-
 
 @dataclass
 class _Watch:
@@ -70,7 +64,7 @@ class ArrivalTracker:
 
     def accepts(self, path: Path) -> bool:
         """Name and place rules (not the content): image name, in the root (or below it)."""
-        if not is_candidate_name(path.name):
+        if not is_image_name(path.name):  # also refuses x.png.tmp, x.jpg.part, .hidden.png
             return False
         try:
             rel = path.relative_to(self.root)
@@ -169,7 +163,7 @@ class PollSource:
 
     def __init__(self, interval_s: float = 1.0) -> None:
         self.interval_s = float(interval_s)
-        self._next = 0.0
+        self._next = time.monotonic() + self.interval_s  # the caller scans once at start
         self._scans = 0
 
     def poll(self, tracker: ArrivalTracker) -> None:
@@ -188,7 +182,7 @@ class PollSource:
 class WatchdogSource:
     """Filesystem events from watchdog (inotify on Linux); its thread only queues paths."""
 
-    def __init__(self, root: Path, recursive: bool) -> None:
+    def __init__(self, root: Path, recursive: bool, rescan_s: float = 30.0) -> None:
         from watchdog.events import FileSystemEventHandler
         from watchdog.observers import Observer
 
@@ -206,8 +200,10 @@ class WatchdogSource:
         self._observer.daemon = True
         self._observer.start()
         self._seen = 0
+        self._rescan = PollSource(rescan_s)
 
     def poll(self, tracker: ArrivalTracker) -> None:
+        self._rescan.poll(tracker)  # a slow rescan as a safety net (inotify queue overflow)
         while True:
             try:
                 path = self._queue.get_nowait()

@@ -23,12 +23,13 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from .arrivals import Arrival, ArrivalTracker, PollSource, Source, WatchdogSource, is_candidate_name
+from .arrivals import Arrival, ArrivalTracker, PollSource, Source, WatchdogSource
 from .errors import ImageDecodeError, InputError, StateError
+from .io import list_images
 from .journal import StateDir
 from .meta import ModelMeta
 from .types import Features
-from .window import Emission, Entry, RollingScorer
+from .window import Emission, Entry, RollingScorer, check_stream_settings
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,9 @@ class WatchDaemon:
         folder = Path(config.folder)
         if not folder.is_dir():
             raise InputError(f"watch folder not found: {folder}; create it or fix the path")
-        if config.reference is not None and not Path(config.reference).is_dir():
-            raise InputError(f"--reference folder not found: {config.reference}")
+        self.references = self._reference_paths()
+        check_stream_settings(config.window, config.delay, config.min_pool, len(self.references))
+        self.settings = self._settings([str(p.resolve()) for p in self.references])
 
     # ------------------------------------------------------------------------------------ setup
     def _settings(self, references: Sequence[str]) -> dict:
@@ -112,14 +114,16 @@ class WatchDaemon:
         ref = self.config.reference
         if ref is None:
             return []
-        paths = sorted(p for p in Path(ref).iterdir() if p.is_file() and is_candidate_name(p.name))
+        if not Path(ref).is_dir():
+            raise InputError(f"--reference folder not found: {ref}")
+        paths = list_images(ref)
         if not paths:
             raise InputError(f"--reference {ref} holds no images (jpg, png, bmp, tif)")
         return paths
 
-    def _open(self, state: StateDir, refs: list[Path]) -> None:
+    def _open(self, state: StateDir) -> None:
         """Load saved state (checking it fits this model and these settings) or start afresh."""
-        settings = self.settings
+        settings, refs = self.settings, self.references
         saved = state.load_state()
         if saved is None:
             self.scorer = self._new_scorer(len(refs))
@@ -257,9 +261,7 @@ class WatchDaemon:
         restore_signals = self._install_signals()
         source: Source | None = None
         try:
-            refs = self._reference_paths()
-            self.settings = self._settings([str(p.resolve()) for p in refs])
-            self._open(state, refs)
+            self._open(state)
             if state.has_entry(self.next_seq):  # crashed after the entry was written: finish it
                 self._apply(state, state.load_entry(self.next_seq), None)
                 self.summary.replayed += 1

@@ -245,7 +245,7 @@ class PoolWindow:
         """(len(seqs), G, G) float64 MSM maps against the rest of the pool (MUSC_SPEC 3).
 
         Cost per image: one selection over its (Q, L, slots) row of d, linear in the pool size.
-        Images are taken in chunks of about 16 MB so the temporary copy stays small.
+        Images are taken in chunks of about 4 MB so the temporary copy stays small.
         """
         n = len(self._slot_of)
         if n < 2:
@@ -254,7 +254,7 @@ class PoolWindow:
         # The lo smallest are below position lo and the rest of [lo, hi) below hi - 1 after this.
         kth = sorted({lo, hi - 1}) if lo > 0 else [hi - 1]
         slots = [self._slot_of[s] for s in seqs]
-        chunk = max(1, (16 << 20) // self._d[0].nbytes)
+        chunk = max(1, (4 << 20) // self._d[0].nbytes)
         out = np.empty((len(slots), self.grid * self.grid), np.float64)
         for c0 in range(0, len(slots), chunk):
             rows = self._d[slots[c0:c0 + chunk]]  # (c, Q, L, slots); self and free slots are +inf
@@ -275,6 +275,17 @@ class PoolWindow:
         return seqs, maps, raw, rscin(raw, emb, self.k_list)
 
 
+def check_stream_settings(capacity: int, delay: int, min_pool: int, n_references: int = 0) -> None:
+    """Refuse settings under which an image could leave the window unreported, or never be."""
+    if capacity < 1:
+        raise InputError(f"--window must be at least 1, got {capacity}")
+    if not 0 <= delay < capacity:
+        raise InputError(f"--delay must be in [0, window) = [0, {capacity}), got {delay}")
+    pool_max = capacity + n_references
+    if not 2 <= min_pool <= pool_max:
+        raise InputError(f"--min-pool must be in [2, window + references] = [2, {pool_max}], got {min_pool}")
+
+
 class RollingScorer:
     """Streaming emission over a :class:`PoolWindow` (issue 4, MUSC_SPEC 8).
 
@@ -289,14 +300,8 @@ class RollingScorer:
                  delay: int = 0, min_pool: int = 8, n_references: int = 0,
                  r_list: Sequence[int] = (1, 3, 5), interval: tuple[float, float] = (0.0, 0.3),
                  k_list: Sequence[int] = (1, 2, 3)) -> None:
-        if capacity < 1:
-            raise InputError(f"--window must be at least 1, got {capacity}")
-        if not 0 <= delay < capacity:
-            raise InputError(f"--delay must be in [0, window) = [0, {capacity}), got {delay}")
+        check_stream_settings(capacity, delay, min_pool, n_references)
         pool_max = capacity + n_references
-        if not 2 <= min_pool <= pool_max:
-            raise InputError(f"--min-pool must be in [2, window + references] = [2, {pool_max}], "
-                             f"got {min_pool}")
         self.capacity = int(capacity)
         self.delay = int(delay)
         self.min_pool = int(min_pool)

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import click
 
 from musc_edge.options import device_option, heatmaps_option, k_option, model_option, out_option, r_option
-
-log = logging.getLogger(__name__)
 
 
 @click.command(name="watch")

@@ -157,8 +157,7 @@ def test_file_vanishing_between_arrival_and_decoding_is_skipped(tmp_path, model)
     daemon = WatchDaemon(cfg, model)
     state = StateDir(cfg.out_dir)
     try:
-        daemon.settings = daemon._settings([])
-        daemon._open(state, [])
+        daemon._open(state)
         tracker = ArrivalTracker(cfg.folder)
         daemon._process(state, tracker, [Arrival(cfg.folder / "gone.png", 10, 1, time.time())])
     finally:
