@@ -16,7 +16,7 @@ import logging
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -75,7 +75,11 @@ class WatchSummary:
     reported: int = 0
     skipped: int = 0
     replayed: int = 0
-    errors: list[str] = field(default_factory=list)
+
+
+def _describe(meta: ModelMeta) -> str:
+    return (f"{meta.backbone}/{meta.weights} at {meta.image_size} px "
+            f"(layers {list(meta.layers)}, widths {list(meta.token_dims)})")
 
 
 def iso_time(t: float) -> str:
@@ -134,14 +138,12 @@ class WatchDaemon:
             return
         saved_meta = ModelMeta.from_dict(saved["meta"], source=str(state.state_path))
         if not saved_meta.compatible_with(self.meta):
-            raise StateError(
-                f"{state.dir} was made with model {saved_meta.backbone}/{saved_meta.weights} at "
-                f"{saved_meta.image_size} px, not {self.meta.backbone}/{self.meta.weights} at "
-                f"{self.meta.image_size} px; use that model, or another --out for a new pool")
+            raise StateError(f"{state.dir} was made with model {_describe(saved_meta)}, not "
+                             f"{_describe(self.meta)}; use that model, or another --out for a new pool")
         changed = [k for k, v in settings.items() if saved["settings"].get(k) != v]
         if changed:
-            was = ", ".join(f"{k}={saved['settings'].get(k)}" for k in changed)
-            raise StateError(f"{state.dir} was made with other settings ({was}); use the same "
+            diff = "; ".join(f"{k}: saved {saved['settings'].get(k)}, now {settings[k]}" for k in changed)
+            raise StateError(f"{state.dir} was made with other settings ({diff}); use the same "
                              "settings, or another --out for a new pool")
         self.scorer = self._new_scorer(len(refs))
         self.next_seq = int(saved["next_seq"])

@@ -192,7 +192,7 @@ def test_reference_images_seed_the_pool_and_are_never_reported(tmp_path, model) 
         WatchDaemon(config(tmp_path, reference=other, window=3, min_pool=4), model).run()
 
 
-def test_state_of_another_model_or_window_is_refused(tmp_path, model) -> None:
+def test_state_of_another_model_or_window_is_refused(tmp_path, model, capsys) -> None:
     cfg = config(tmp_path, min_pool=2)
     for i in range(3):
         write_png(cfg.folder / f"p{i}.png", part_image(i))
@@ -200,11 +200,17 @@ def test_state_of_another_model_or_window_is_refused(tmp_path, model) -> None:
         wait_for(lambda: len(results(cfg.out_dir)) == 3, what="three images")
     other_path, other = tiny_model(tmp_path / "m64", image_size=64)
     other.close()
-    argv = ["watch", str(cfg.folder), "--model", str(other_path), "--out", str(cfg.out_dir), "--window", "6"]
+    capsys.readouterr()
+    argv = ["watch", str(cfg.folder), "--model", str(other_path), "--out", str(cfg.out_dir), "--window", "6",
+            "--min-pool", "3"]
     assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "was made with model tiny_patchify/synthetic at 32 px" in err and "not tiny_patchify/synthetic at 64 px" in err
+    assert "another --out" in err and "Traceback" not in err
     argv = ["watch", str(cfg.folder), "--model", str(model.path), "--out", str(cfg.out_dir),
-            "--window", "9"]
+            "--window", "9", "--min-pool", "3"]
     assert main(argv) == 2
+    assert "window: saved 6, now 9" in capsys.readouterr().err
 
 
 def test_cli_messages_for_bad_settings(tmp_path, model, capsys) -> None:

@@ -1,0 +1,139 @@
+#!/usr/bin/env python
+"""Streaming scorer cost: one new image against a window of W, versus rescoring the window.
+
+For W in --windows (default 16, 32, 64, 128) at ViT-B/16 sizes (G*G = 196 patches, C = 768,
+4 tapped layers, r in {1, 3, 5}: 12 pair products per image pair), measures after feature
+extraction (the tokens are given):
+
+- ``incremental_s``: one steady-state step of :class:`musc_edge.window.RollingScorer` with a full
+  window: ``prepare`` (LNAMD of the new image and its W - 1 pair products) plus ``push`` (evict the
+  oldest, add, MSM selection for the whole pool, RsCIN). Best of --steps steps (timeit's rule on
+  a shared machine; the median and the process CPU time are printed too).
+- ``full_rescore_s``: :func:`musc_edge.scorer.score_tokens` over the same W images from scratch
+  (what the released code must do for every new image).
+
+Prints one JSON object with both, their ratio, the window's preallocated bytes, the process's
+peak RSS, and the floors of issue 4 (latency(128)/latency(64) <= 2.3; at W = 128 incremental at
+least 20x cheaper than full rescoring), checked side by side in this one run.
+
+Setup cost: the windows are filled from one set of prepared entries (each image's pair rows
+against all earlier images, computed once by a window of the largest W); a window of size W
+takes the last W of them (``RollingScorer.restore``, as after a restart), ignoring rows against
+images it does not hold. Only the timed steps
+and the full rescoring are measured.
+
+    python benchmarks/bench_stream.py                # about 5-8 minutes on 2 busy cores
+    python benchmarks/bench_stream.py --windows 16,32 --layers 2   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import resource
+import statistics
+import time
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from musc_edge.scorer import score_tokens
+from musc_edge.window import RollingScorer
+
+
+def synthetic_images(n: int, n_tokens: int, dim: int, layers: int, embed_dim: int, seed: int = 0):
+    """Tokens with a shared structure plus per-image noise (distances not all alike), float32."""
+    rng = np.random.default_rng(seed)
+    base = [rng.standard_normal((n_tokens, dim)).astype(np.float32) for _ in range(layers)]
+    for _ in range(n):
+        tokens = [b + 0.8 * rng.standard_normal((n_tokens, dim)).astype(np.float32) for b in base]
+        emb = rng.standard_normal(embed_dim).astype(np.float32)
+        yield tokens, emb / np.linalg.norm(emb)
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--windows", default="16,32,64,128")
+    ap.add_argument("--grid", type=int, default=14)
+    ap.add_argument("--dim", type=int, default=768)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=5, help="timed steady-state steps per W")
+    ap.add_argument("--threads", type=int, default=1, help="BLAS threads (1: per-core cost, steadier on a busy box)")
+    ap.add_argument("--full-max-w", type=int, default=128, help="largest W rescored from scratch")
+    args = ap.parse_args()
+    with threadpool_limits(args.threads):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
+    windows = sorted(int(w) for w in args.windows.split(","))
+    g, dim, layers, embed_dim = args.grid, args.dim, args.layers, 512
+    n_tokens = 1 + g * g
+    w_max = windows[-1]
+    images = list(synthetic_images(w_max + args.steps, n_tokens, dim, layers, embed_dim))
+    kwargs = dict(delay=0, min_pool=2)
+
+    # Prepared entries 0..w_max-1, each with pair rows against every earlier image (untimed).
+    t0 = time.perf_counter()
+    filler = RollingScorer(g, [dim] * layers, embed_dim, capacity=w_max, **kwargs)
+    entries = []
+    for seq in range(w_max):
+        e = filler.prepare(seq, *images[seq])
+        filler.push(e)
+        entries.append(dataclasses.replace(e, tokens=()))  # the pool keeps z; tokens not needed
+    del filler
+    setup_s = time.perf_counter() - t0
+
+    results = {}
+    for w in windows:
+        scorer = RollingScorer(g, [dim] * layers, embed_dim, capacity=w, **kwargs)
+        window = entries[w_max - w:]
+        scorer.restore({"references": [], "stream": [e.seq for e in window], "pending": []},
+                       {e.seq: e for e in window})
+        times, cpu = [], []
+        for k in range(args.steps):
+            seq = w_max + k
+            t, c = time.perf_counter(), time.process_time()
+            reported = scorer.push(scorer.prepare(seq, *images[seq]))
+            times.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
+            assert [r.seq for r in reported] == [seq] and len(scorer.pool) == w
+        window_bytes = scorer.pool.nbytes
+        del scorer
+        row = {"incremental_s": round(min(times), 4),
+               "incremental_median_s": round(statistics.median(times), 4),
+               "incremental_cpu_s": round(min(cpu), 4),
+               "window_mib": round(window_bytes / 2**20, 1)}
+        if w <= args.full_max_w:
+            pool = images[w_max + args.steps - w:w_max + args.steps]  # the last window's W images
+            tokens = [np.stack([img[0][layer] for img in pool]) for layer in range(layers)]
+            emb = np.stack([img[1] for img in pool])
+            t, c = time.perf_counter(), time.process_time()
+            score_tokens(tokens, emb)
+            row["full_rescore_s"] = round(time.perf_counter() - t, 3)
+            row["full_rescore_cpu_s"] = round(time.process_time() - c, 3)
+            row["full_over_incremental"] = round(row["full_rescore_s"] / row["incremental_s"], 1)
+            del tokens, emb
+        results[str(w)] = row
+
+    out = {"setting": {"patches": g * g, "channels": dim, "layers": layers, "r_list": [1, 3, 5],
+                       "pair_products_per_image_pair": layers * 3, "steps": args.steps, "threads": args.threads,
+                       "machine": platform.processor() or platform.machine()},
+           "windows": results, "setup_s": round(setup_s, 1), "peak_rss_mib": round(peak_rss_mib(), 1)}
+    if "64" in results and "128" in results:
+        ratio = results["128"]["incremental_s"] / results["64"]["incremental_s"]
+        out["latency_128_over_64"] = round(ratio, 3)
+        out["floor_128_over_64_le_2.3"] = ratio <= 2.3
+    if "full_rescore_s" in results.get("128", {}):
+        out["floor_incremental_20x_cheaper_at_128"] = results["128"]["full_over_incremental"] >= 20
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
