@@ -202,3 +202,46 @@ def test_random_weights_model_warns(tmp_path):
     assert rc == 0
     assert "random weights" in err and "mean nothing" in err
     assert "random-weights model" in out
+
+
+def test_scoring_step_is_swappable_and_gets_float16_tokens(tmp_path, model):
+    from musc_edge.batch import ScoreSettings, batch_score_step, score_folder
+
+    data = make_category(tmp_path / "cat", n_good=4, defects=("blob",), n_each=1)
+    seen = {}
+
+    def spy(tokens, embedding, r_list, k_list):
+        seen.update(dtypes={t.dtype for t in tokens}, n=len(embedding), r=tuple(r_list), k=tuple(k_list))
+        return batch_score_step(tokens, embedding, r_list, k_list)
+
+    result = score_folder(data, model, tmp_path / "out", ScoreSettings(r_list=(1, 3), progress=False),
+                          score_step=spy)
+    assert seen == {"dtypes": {np.dtype(np.float16)}, "n": 5, "r": (1, 3), "k": (1, 2, 3)}
+    assert result.run["settings"]["scorer"] == "spy"
+    assert len(result.samples) == 5 and result.scores.patch_maps.shape == (5, 8, 8)
+
+
+def test_feature_stage_never_holds_all_decoded_images(tmp_path, model):
+    """Peak traced memory of the feature stage stays far below the size of all decoded images."""
+    import tracemalloc
+
+    from musc_edge.batch import ScoreSettings, _extract
+    from musc_edge.io import discover
+    from musc_edge.runtime.model import load_model
+
+    rng = np.random.default_rng(3)
+    data = tmp_path / "many"
+    data.mkdir()
+    n, side = 64, 320
+    for i in range(n):
+        cv2.imwrite(str(data / f"{i:03d}.png"), rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
+    all_decoded = n * side * side * 3
+    with load_model(model) as extractor:
+        tracemalloc.start()
+        try:
+            pool = _extract(discover(data), extractor, ScoreSettings(batch_size=8, progress=False))
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert len(pool.samples) == n and all(t.dtype == np.float16 for t in pool.tokens)
+    assert peak < all_decoded / 3, f"peak {peak / 1e6:.1f} MB vs {all_decoded / 1e6:.1f} MB of decoded images"
