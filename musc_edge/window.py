@@ -39,6 +39,7 @@ from .errors import InputError, StateError
 from .lnamd import lnamd, patch_grid
 from .msm import EXACT_BELOW_D2, interval_bounds
 from .rscin import rscin
+from .scorer import score_tokens
 from .types import Scores
 
 
@@ -407,8 +408,6 @@ def stream_scores(layer_tokens: Sequence[np.ndarray], embedding: np.ndarray, *, 
     this is :func:`musc_edge.scorer.score_tokens`.
     layer_tokens: (N, 1 + G*G, C_l) per tapped layer; embedding: (N, D). Returns Scores in order.
     """
-    from .scorer import score_tokens
-
     n = int(np.asarray(embedding).shape[0])
     if n <= window:
         return score_tokens(list(layer_tokens), embedding, r_list=tuple(r_list), interval=interval,
