@@ -57,16 +57,17 @@ def _box_sum_axis(x: np.ndarray, r: int, axis: int) -> np.ndarray:
 
 
 def layer_norm_map(x: np.ndarray) -> np.ndarray:
-    """Layer-normalise each image's whole (G*G, C) map together (no affine, eps 1e-5), float32.
+    """Layer-normalise one image's whole (G*G, C) map together (no affine, eps 1e-5), float32.
 
-    Statistics are accumulated in float64 (cheap, N*L*C values) so float16 inputs and large maps
-    do not lose digits in the mean/variance; the output is float32.
+    Mean and variance are accumulated in float64 (float16 inputs and large maps keep their
+    digits); the output is float32.
     """
-    x64 = x.astype(np.float64, copy=False)
-    axes = tuple(range(1, x.ndim))
-    mean = x64.mean(axis=axes, keepdims=True)
-    var = ((x64 - mean) ** 2).mean(axis=axes, keepdims=True)
-    return ((x64 - mean) / np.sqrt(var + LN_EPS)).astype(np.float32)
+    mean = x.mean(dtype=np.float64)
+    var = x.var(dtype=np.float64)
+    out = x.astype(np.float32)
+    out -= np.float32(mean)
+    out *= np.float32(1.0 / math.sqrt(var + LN_EPS))
+    return out
 
 
 def lnamd(tokens: np.ndarray, r: int) -> np.ndarray:
@@ -74,7 +75,8 @@ def lnamd(tokens: np.ndarray, r: int) -> np.ndarray:
 
     tokens: (N, 1 + G*G, C) float16 or float32; token 0 (CLS) is dropped.
     r: aggregation degree (odd; 1 means no aggregation).
-    Returns (N, G*G, C) float32 unit vectors.
+    Returns (N, G*G, C) float32 unit vectors. Works one image at a time, so the only full-size
+    array is the output (no float64 copy of the layer).
     """
     tokens = np.asarray(tokens)
     if tokens.ndim != 3:
@@ -84,15 +86,15 @@ def lnamd(tokens: np.ndarray, r: int) -> np.ndarray:
     r = int(r)
     n, t, c = tokens.shape
     g = patch_grid(t)
-    x = layer_norm_map(tokens[:, 1:, :])  # (N, L, C) float32
-    if r > 1:
-        x = x.reshape(n, g, g, c)
-        x = _box_sum_axis(x, r, axis=1)
-        x = _box_sum_axis(x, r, axis=2)
-        x *= np.float32(1.0 / (r * r))
-        x = x.reshape(n, g * g, c)
-    norm = np.sqrt(np.einsum("nlc,nlc->nl", x, x, dtype=np.float64))
-    # A patch that is all zeros (impossible after LN unless the map is constant) stays zero.
-    norm = np.maximum(norm, 1e-12).astype(np.float32)
-    x /= norm[..., None]
-    return np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty((n, g * g, c), dtype=np.float32)
+    for i in range(n):
+        x = layer_norm_map(tokens[i, 1:, :])  # (L, C)
+        if r > 1:
+            x = _box_sum_axis(x.reshape(g, g, c), r, axis=0)
+            x = _box_sum_axis(x, r, axis=1)
+            x *= np.float32(1.0 / (r * r))
+            x = x.reshape(g * g, c)
+        norm = np.sqrt(np.einsum("lc,lc->l", x, x, dtype=np.float64))
+        # A zero patch (only possible for a constant map) stays zero instead of becoming NaN.
+        out[i] = x / np.maximum(norm, 1e-12).astype(np.float32)[:, None]
+    return out
