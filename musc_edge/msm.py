@@ -95,16 +95,23 @@ def pair_min_distances(za: np.ndarray, zb: np.ndarray) -> tuple[np.ndarray, np.n
 
     za, zb: (L, C) unit vectors (LNAMD output of one image each; L may differ).
     Returns (a_to_b, b_to_a): for each patch of a the min distance to b's patches (La,), and for
-    each patch of b the min distance to a's patches (Lb,), both float64.
+    each patch of b the min distance to a's patches (Lb,), both float64. Small distances are
+    recomputed exactly as in :func:`msm`, so both give the same numbers.
     """
     za = np.ascontiguousarray(za, dtype=np.float32)
     zb = np.ascontiguousarray(zb, dtype=np.float32)
     if za.ndim != 2 or zb.ndim != 2 or za.shape[1] != zb.shape[1]:
         raise InputError(f"pair_min_distances needs (L, C) arrays with equal C, got {za.shape} and {zb.shape}")
     p = za @ zb.T
-    ra, rb = np.arange(za.shape[0]), np.arange(zb.shape[0])
-    a_to_b = _exact_distances(za, ra, zb, p.argmax(axis=1))
-    b_to_a = _exact_distances(zb, rb, za, p.argmax(axis=0))
+    limit = np.float32(math.sqrt(EXACT_BELOW_D2))
+    a_to_b = _d_from_sim(p.max(axis=1))
+    (ia,) = np.nonzero(a_to_b < limit)
+    if ia.size:
+        a_to_b[ia] = _exact_distances(za, ia, zb, p[ia].argmax(axis=1))
+    b_to_a = _d_from_sim(p.max(axis=0))
+    (ib,) = np.nonzero(b_to_a < limit)
+    if ib.size:
+        b_to_a[ib] = _exact_distances(zb, ib, za, p[:, ib].argmax(axis=0))
     return a_to_b.astype(np.float64), b_to_a.astype(np.float64)
 
 

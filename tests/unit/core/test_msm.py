@@ -149,3 +149,16 @@ def test_msm_rejects_non_unit_vectors():
 def test_msm_rejects_single_image():
     with pytest.raises(InputError, match="at least 2 images"):
         msm(np.ones((1, 4, 3), np.float32) / np.sqrt(3))
+
+
+@pytest.mark.parametrize("noise", [1.0, 0.01])
+def test_pair_min_distances_equal_msm_of_a_pair(noise):
+    """With N = 2, MSM is exactly the pair's two nearest-patch distance vectors."""
+    rng = np.random.default_rng(7)
+    base = rng.standard_normal((1, 25, 64))
+    z = base + noise * rng.standard_normal((2, 25, 64))
+    z = (z / np.linalg.norm(z, axis=2, keepdims=True)).astype(np.float32)
+    a_to_b, b_to_a = pair_min_distances(z[0], z[1])
+    out = msm(z)
+    np.testing.assert_allclose(out[0], a_to_b, rtol=1e-6)
+    np.testing.assert_allclose(out[1], b_to_a, rtol=1e-6)
