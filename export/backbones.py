@@ -75,6 +75,8 @@ class BuiltBackbone:
         ``(tokens_0, ..., tokens_{k-1}, embedding)``.
     embedding_layer: the block (ViT) or stage (CNN) whose output the embedding comes from;
         equal to ``spec.num_blocks`` when it is the network's own final embedding.
+    export_module: optional twin of ``module`` sharing its weights, written with ops the ONNX
+        exporter translates well; ``module`` stays the torch reference of the parity check.
     """
 
     spec: BackboneSpec
@@ -85,6 +87,12 @@ class BuiltBackbone:
     token_dims: tuple[int, ...]
     embed_dim: int
     embedding_layer: int
+    export_module: Any = None
+
+    @property
+    def traced_module(self) -> Any:
+        """What is exported: ``export_module`` (same weights, export-friendly ops) or ``module``."""
+        return self.module if self.export_module is None else self.export_module
 
     @property
     def grid(self) -> int:

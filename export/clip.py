@@ -31,10 +31,54 @@ log = logging.getLogger(__name__)
 RANDOM_SEED = 0
 
 
-class ClipTaps(nn.Module):
-    """open_clip ``VisionTransformer`` -> (tokens after the tapped blocks..., embedding)."""
+class ExportBlock(nn.Module):
+    """An open_clip ``ResidualAttentionBlock`` with its attention written out in plain ops.
 
-    def __init__(self, visual: nn.Module, layers: tuple[int, ...], keep_all_blocks: bool = False) -> None:
+    Same weights (shared, not copied), same arithmetic as ``nn.MultiheadAttention``; but the
+    token count and head layout are constants, so the traced graph has a few Reshape/Transpose
+    nodes per block instead of the shape arithmetic of the generic module, and no fused fast path
+    (which the exporter cannot translate) can be taken.
+    """
+
+    def __init__(self, block: nn.Module, tokens: int) -> None:
+        super().__init__()
+        attn = block.attn
+        self.ln_1, self.ln_2, self.mlp = block.ln_1, block.ln_2, block.mlp
+        self.ls_1, self.ls_2 = block.ls_1, block.ls_2
+        self.in_proj_weight, self.in_proj_bias, self.out_proj = attn.in_proj_weight, attn.in_proj_bias, attn.out_proj
+        self.heads, self.head_dim, self.tokens = attn.num_heads, attn.head_dim, tokens
+        self.scale = float(attn.head_dim) ** -0.5
+
+    @staticmethod
+    def supports(block: nn.Module) -> bool:
+        """Plain self-attention blocks (the OpenAI CLIP ViTs); others keep open_clip's module."""
+        attn = getattr(block, "attn", None)
+        return (isinstance(attn, nn.MultiheadAttention) and attn._qkv_same_embed_dim and attn.batch_first
+                and attn.in_proj_bias is not None and not hasattr(block, "ln_1_kv"))
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = nn.functional.linear(x, self.in_proj_weight, self.in_proj_bias)
+        qkv = qkv.reshape(-1, self.tokens, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]                       # (B, H, L, d)
+        a = torch.softmax((q * self.scale) @ k.transpose(-2, -1), dim=-1)
+        y = (a @ v).transpose(1, 2).reshape(-1, self.tokens, self.heads * self.head_dim)
+        return self.out_proj(y)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.ls_1(self.attention(self.ln_1(x)))
+        return x + self.ls_2(self.mlp(self.ln_2(x)))
+
+
+class ClipTaps(nn.Module):
+    """open_clip ``VisionTransformer`` -> (tokens after the tapped blocks..., embedding).
+
+    ``for_export=True`` swaps each block for an :class:`ExportBlock` sharing its weights; the
+    default runs open_clip's own blocks (with torch's fused attention), the reference the export
+    is checked against.
+    """
+
+    def __init__(self, visual: nn.Module, layers: tuple[int, ...], keep_all_blocks: bool = False,
+                 for_export: bool = False) -> None:
         super().__init__()
         blocks = visual.transformer.resblocks
         n_keep = len(blocks) if keep_all_blocks else max(layers)
@@ -42,7 +86,11 @@ class ClipTaps(nn.Module):
         self.class_embedding = visual.class_embedding
         self.positional_embedding = visual.positional_embedding
         self.ln_pre = visual.ln_pre
-        self.blocks = nn.ModuleList(blocks[:n_keep])
+        tokens = int(visual.positional_embedding.shape[0])
+        kept = list(blocks[:n_keep])
+        if for_export:
+            kept = [ExportBlock(b, tokens) if ExportBlock.supports(b) else b for b in kept]
+        self.blocks = nn.ModuleList(kept)
         self.ln_post = visual.ln_post
         self.proj = visual.proj
         self.taps = tuple(layers)
@@ -148,4 +196,5 @@ def build(spec: BackboneSpec, weights: WeightsChoice, image_size: int, layers: t
     return BuiltBackbone(
         spec=spec, module=module, weights_tag=weights.tag, image_size=image_size, layers=layers,
         token_dims=(width,) * len(layers), embed_dim=int(visual.proj.shape[1]),
-        embedding_layer=module.embedding_layer)
+        embedding_layer=module.embedding_layer,
+        export_module=ClipTaps(visual, layers, keep_all_blocks, for_export=True).eval())

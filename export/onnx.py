@@ -78,7 +78,7 @@ def exportable_attention() -> Iterator[None]:
 
 
 def write_onnx(built: BuiltBackbone, path: Path, opset: int = MIN_OPSET) -> ModelMeta:
-    """Trace ``built.module`` to ``path`` with a dynamic batch axis and stamp the metadata."""
+    """Trace ``built.traced_module`` to ``path`` with a dynamic batch axis and stamp the metadata."""
     import onnx
     import torch
 
@@ -91,7 +91,7 @@ def write_onnx(built: BuiltBackbone, path: Path, opset: int = MIN_OPSET) -> Mode
     buf = io.BytesIO()
     with torch.no_grad(), exportable_attention(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # legacy-exporter deprecation and tracer warnings on constant shapes
-        torch.onnx.export(built.module, (dummy,), buf, input_names=[meta.input_name], output_names=names,
+        torch.onnx.export(built.traced_module, (dummy,), buf, input_names=[meta.input_name], output_names=names,
                           dynamic_axes=dynamic, opset_version=opset, do_constant_folding=True, dynamo=False)
     model = onnx.load_from_string(buf.getvalue())
     del buf

@@ -141,3 +141,17 @@ def test_file_weights_tag(tiny_spec, tmp_path):
     torch.save({"visual." + k: v for k, v in _visual_of(ref).state_dict().items()}, path)
     got = build(tiny_spec, resolve_weights(tiny_spec, str(path)), 32, (4,))
     assert got.weights_tag == "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_export_module_shares_weights_and_matches(tiny_spec):
+    """The export twin (attention written out) equals open_clip's blocks and shares their tensors."""
+    from musc_edge.export.clip import ExportBlock
+
+    built = build(tiny_spec, resolve_weights(tiny_spec, "random"), 32, (2, 4))
+    twin = built.traced_module
+    assert twin is not built.module and all(isinstance(b, ExportBlock) for b in twin.blocks)
+    assert twin.blocks[0].in_proj_weight is built.module.blocks[0].attn.in_proj_weight
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        for a, b in zip(twin(x), built.module(x)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,204 @@
+"""Backbone throughput: torch eager against ONNX Runtime (CPU), side by side in one process.
+
+    python benchmarks/bench_backbone.py                      # ViT-B/16 @ 224, batch 1 and 8
+    python benchmarks/bench_backbone.py --modes torch,ort --batches 8 --repeats 5
+    python benchmarks/bench_backbone.py --backbone efficientnet_lite0
+
+Prints one JSON object: images/s per (mode, batch), the ratio of every mode to ``torch`` at each
+batch, and the issue-3 floor (ONNX Runtime >= 1.5x torch at batch 8). Random weights are used for
+CLIP ViTs (speed does not depend on them); the model is exported with the project's own exporter
+into a temporary folder unless ``--onnx FILE`` names one.
+
+Modes are plain functions registered in :data:`MODES`: ``make(ctx) -> run(batch_array)``. To add
+one (INT8, another provider), write such a function, decorate it with ``@mode("name")`` and pass
+``--modes torch,ort,name``. Runs of all modes are interleaved round by round so that load from other
+processes hits every mode alike; the median run time is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+Runner = Callable[[np.ndarray], object]
+MODES: dict[str, Callable[["BenchContext"], Runner]] = {}
+#: issue 3: ONNX Runtime must reach this multiple of torch eager's images/s at batch 8.
+FLOOR = {"mode": "ort", "baseline": "torch", "batch": 8, "min_ratio": 1.5}
+
+
+def mode(name: str):
+    """Register ``make(ctx) -> runner`` as benchmark mode ``name``."""
+    def deco(fn: Callable[["BenchContext"], Runner]) -> Callable[["BenchContext"], Runner]:
+        MODES[name] = fn
+        return fn
+    return deco
+
+
+@dataclass
+class BenchContext:
+    """What mode factories get: the built torch backbone, the FP32 ONNX file, threads, scratch dir."""
+
+    backbone: str
+    image_size: int
+    threads: int
+    workdir: Path
+    onnx_path: Path | None = None
+    _built: object = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def built(self):
+        """The torch backbone (random weights for CLIP, packaged weights for EfficientNet)."""
+        if self._built is None:
+            from musc_edge.export import backbones
+            from musc_edge.export.weights import resolve_weights
+
+            spec = backbones.get_spec(self.backbone)
+            weights = "random" if spec.family == "clip" else None
+            self._built = backbones.builder_for(spec)(spec, resolve_weights(spec, weights), self.image_size,
+                                                      spec.layers)
+        return self._built
+
+    def fp32_onnx(self) -> Path:
+        """The FP32 ONNX model: ``--onnx`` or exported once with musc-edge's exporter."""
+        if self.onnx_path is None:
+            from musc_edge.export.onnx import export_onnx
+
+            self.onnx_path = export_onnx(self.built, self.workdir / f"{self.backbone}_{self.image_size}.onnx").path
+        return self.onnx_path
+
+
+def ort_session(path: Path, threads: int):
+    """CPU session tuned for throughput: all graph optimisations, one intra-op thread per core."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+@mode("torch")
+def torch_eager(ctx: BenchContext) -> Runner:
+    """torch eager as a user runs it: inference mode, same thread count as ONNX Runtime."""
+    import torch
+
+    torch.set_num_threads(ctx.threads)
+    module = ctx.built.module
+
+    def run(x: np.ndarray):
+        with torch.inference_mode():
+            return module(torch.from_numpy(x))
+    return run
+
+
+@mode("ort")
+def ort_cpu(ctx: BenchContext) -> Runner:
+    """ONNX Runtime CPU on the exported FP32 graph."""
+    sess = ort_session(ctx.fp32_onnx(), ctx.threads)
+    name = sess.get_inputs()[0].name
+
+    def run(x: np.ndarray):
+        return sess.run(None, {name: x})
+    return run
+
+
+def measure(runners: dict[str, Runner], batch: int, size: int, repeats: int, warmup: int,
+            budget_s: float) -> dict[str, list[float]]:
+    """Seconds per run of every runner, interleaved round by round (stops early past ``budget_s``)."""
+    x = np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)
+    for run in runners.values():
+        for _ in range(warmup):
+            run(x)
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    start = time.perf_counter()
+    for i in range(repeats):
+        for name, run in runners.items():
+            t0 = time.perf_counter()
+            run(x)
+            times[name].append(time.perf_counter() - t0)
+        if i >= 1 and time.perf_counter() - start > budget_s:
+            break
+    return times
+
+
+def environment(threads: int) -> dict:
+    import onnxruntime
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "threads": threads,
+            "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--backbone", default="vit_b16")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+    p.add_argument("--modes", default="torch,ort", help=f"comma-separated, from: {', '.join(MODES)}")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads for every mode")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per mode and batch")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--budget", type=float, default=120.0, help="seconds of timed runs per batch size, at most")
+    p.add_argument("--onnx", type=Path, default=None, help="use this FP32 ONNX file instead of exporting")
+    args = p.parse_args(argv)
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        p.error(f"unknown mode(s) {', '.join(unknown)}; known: {', '.join(MODES)}")
+    batches = [int(b) for b in args.batches.split(",")]
+
+    from musc_edge.export import backbones
+
+    spec = backbones.get_spec(args.backbone)
+    size = args.image_size or spec.image_size
+    with tempfile.TemporaryDirectory(prefix="bench_backbone_") as tmp:
+        ctx = BenchContext(args.backbone, size, args.threads, Path(tmp), args.onnx)
+        t0 = time.perf_counter()
+        runners = {m: MODES[m](ctx) for m in modes}
+        setup_s = time.perf_counter() - t0
+        results, ratios = [], {}
+        for batch in batches:
+            times = measure(runners, batch, size, args.repeats, args.warmup, args.budget)
+            per_mode = {}
+            for m, ts in times.items():
+                med = statistics.median(ts)
+                per_mode[m] = batch / med
+                results.append({"mode": m, "batch": batch, "images_per_s": round(batch / med, 3),
+                                "ms_per_batch_median": round(1e3 * med, 1), "ms_per_batch_min": round(1e3 * min(ts), 1),
+                                "runs": len(ts)})
+            if "torch" in per_mode:
+                for m, ips in per_mode.items():
+                    if m != "torch":
+                        ratios[f"{m}/torch@{batch}"] = round(ips / per_mode["torch"], 3)
+
+    key = f"{FLOOR['mode']}/{FLOOR['baseline']}@{FLOOR['batch']}"
+    report = {
+        "benchmark": "bench_backbone", "backbone": args.backbone, "image_size": size,
+        "weights": "random" if spec.family == "clip" else spec.weights, "setup_s": round(setup_s, 1),
+        "environment": environment(args.threads), "results": results, "ratios": ratios,
+        "floor": {**FLOOR, "measured": ratios.get(key),
+                  "pass": None if key not in ratios else ratios[key] >= FLOOR["min_ratio"]},
+    }
+    json.dump(report, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
