@@ -3,6 +3,7 @@
     python benchmarks/bench_backbone.py                      # ViT-B/16 @ 224, batch 1 and 8
     python benchmarks/bench_backbone.py --modes torch,ort --batches 8 --repeats 5
     python benchmarks/bench_backbone.py --backbone efficientnet_lite0
+    python benchmarks/bench_backbone.py --modes ort,int8-static,int8-static-pc,int8-dynamic --batches 8
 
 Prints one JSON object: images/s per (mode, batch), the ratio of every mode to ``torch`` at each
 batch, and the issue-3 floor (ONNX Runtime >= 1.5x torch at batch 8). Random weights are used for
@@ -116,6 +117,33 @@ def ort_cpu(ctx: BenchContext) -> Runner:
     return run
 
 
+# INT8 modes (issue 5): each quantizes the FP32 export with `musc-edge calibrate`'s library
+# function, calibrated on good images of the shipped MTD sample (speed does not depend on which).
+# Accuracy (cosine, MuSc AUROC) of the same modes: benchmarks/bench_int8.py.
+INT8_CALIB = Path(__file__).resolve().parents[1] / "examples" / "mtd_sample" / "magnetic_tile" / "test" / "good"
+
+
+def _int8_mode(quant_mode: str) -> Callable[[BenchContext], Runner]:
+    def make(ctx: BenchContext) -> Runner:
+        from musc_edge.calibration.quantize import make_config, quantize_model
+
+        images = sorted(INT8_CALIB.glob("*.jpg"))[:16]
+        out = ctx.workdir / f"{ctx.backbone}.{quant_mode}.int8.onnx"
+        quantize_model(ctx.fp32_onnx(), out, make_config(quant_mode, num=len(images)), images)
+        sess = ort_session(out, ctx.threads)
+        name = sess.get_inputs()[0].name
+
+        def run(x: np.ndarray):
+            return sess.run(None, {name: x})
+        return run
+    make.__doc__ = f"ONNX Runtime CPU on the INT8 model of `musc-edge calibrate --mode {quant_mode}`."
+    return make
+
+
+for _quant_mode in ("static", "static-pc", "dynamic"):
+    mode(f"int8-{_quant_mode}")(_int8_mode(_quant_mode))
+
+
 def measure(runners: dict[str, Runner], batch: int, size: int, repeats: int, warmup: int,
             budget_s: float) -> dict[str, list[float]]:
     """Seconds per run of every runner, interleaved round by round (stops early past ``budget_s``)."""
@@ -186,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
                 for m, ips in per_mode.items():
                     if m != "torch":
                         ratios[f"{m}/torch@{batch}"] = round(ips / per_mode["torch"], 3)
+            if "ort" in per_mode:  # INT8 against the FP32 graph on the same runtime (issue 5)
+                for m, ips in per_mode.items():
+                    if m.startswith("int8-"):
+                        ratios[f"{m}/ort@{batch}"] = round(ips / per_mode["ort"], 3)
 
     key = f"{FLOOR['mode']}/{FLOOR['baseline']}@{FLOOR['batch']}"
     report = {
