@@ -148,8 +148,6 @@ class WatchDaemon:
         self.scorer = self._new_scorer(len(refs))
         self.next_seq = int(saved["next_seq"])
         self.since_ns = saved.get("since_ns")
-        # results.jsonl may have been rotated while the daemon was stopped: never report twice.
-        state.last_reported = max(state.last_reported, int(saved.get("last_reported", -1)))
         window = saved["window"]
         entries = {s: state.load_entry(s) for s in window["references"] + window["stream"]}
         self.scorer.restore(window, entries)
@@ -181,7 +179,7 @@ class WatchDaemon:
     def _commit(self, state: StateDir) -> None:
         state.save_state({"meta": self.meta.to_dict(), "settings": self.settings,
                           "next_seq": self.next_seq, "since_ns": self.since_ns,
-                          "last_reported": state.last_reported, "window": self.scorer.state()})
+                          "window": self.scorer.state()})
 
     def _apply(self, state: StateDir, entry: Entry, tracker: ArrivalTracker | None) -> None:
         """Add a durable entry: push, report, journal, commit, drop the evicted entry."""

@@ -224,16 +224,3 @@ def test_cli_messages_for_bad_settings(tmp_path, model, capsys) -> None:
                  "--out", str(tmp_path / "out")]) == 2
     assert "watch folder not found" in capsys.readouterr().err
 
-
-def test_results_file_rotated_while_stopped(tmp_path, model) -> None:
-    cfg = config(tmp_path, min_pool=2)
-    for i in range(3):
-        write_png(cfg.folder / f"p{i}.png", part_image(i))
-    with ThreadedDaemon(cfg, model):
-        wait_for(lambda: len(results(cfg.out_dir)) == 3, what="three images")
-    (cfg.out_dir / "results.jsonl").rename(tmp_path / "results.1.jsonl")
-    with ThreadedDaemon(cfg, model):
-        write_png(cfg.folder / "p3.png", part_image(3))
-        wait_for(lambda: len(results(cfg.out_dir)) == 1, what="the next image")
-        time.sleep(0.2)
-    assert [(r["seq"], Path(r["path"]).name) for r in results(cfg.out_dir)] == [(3, "p3.png")]
