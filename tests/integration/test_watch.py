@@ -223,4 +223,3 @@ def test_cli_messages_for_bad_settings(tmp_path, model, capsys) -> None:
     assert main(["watch", str(tmp_path / "missing"), "--model", str(model.path),
                  "--out", str(tmp_path / "out")]) == 2
     assert "watch folder not found" in capsys.readouterr().err
-
