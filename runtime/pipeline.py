@@ -16,6 +16,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -79,10 +80,10 @@ def iter_input_batches(paths: Iterable[str | Path], meta: ModelMeta, batch_size:
             reason = str(e).removeprefix(f"{path}: ")
             return path, None, None, reason, time.perf_counter() - t0
 
-    pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="musc-edge-decode") if workers > 1 else None
     try:
         path_iter = (Path(p) for p in paths)
-        results = pool.map(load, path_iter) if pool else map(load, path_iter)
+        results = _bounded_map(pool, load, path_iter, 2 * workers) if pool else map(load, path_iter)
         arrays: list[np.ndarray] = []
         good: list[Path] = []
         sizes: list[tuple[int, int]] = []
@@ -107,6 +108,21 @@ def iter_input_batches(paths: Iterable[str | Path], meta: ModelMeta, batch_size:
     finally:
         if pool:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _bounded_map(pool: ThreadPoolExecutor, fn, items: Iterator, ahead: int) -> Iterator:
+    """Like ``pool.map`` (results in order) but with at most ``ahead`` items in flight.
+
+    ``Executor.map`` submits the whole iterable at once, which would decode every image ahead of
+    the model and defeat the memory bound.
+    """
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 _DONE = object()

@@ -65,6 +65,24 @@ def test_input_batches_hold_at_most_batch_size(tmp_path):
     assert all(b.inputs.dtype == np.float32 for b in batches)
 
 
+@pytest.mark.parametrize("workers", [1, 3])
+def test_decoding_stays_a_bounded_distance_ahead(tmp_path, workers):
+    """Parallel decoding must not read the whole list ahead of the model (memory bound)."""
+    paths = write_images(tmp_path, 4)
+    consumed = []
+
+    def many():
+        for i in range(200):
+            consumed.append(i)
+            yield paths[i % len(paths)]
+
+    batches = iter_input_batches(many(), tiny_meta(), 2, workers=workers)
+    first = next(batches)
+    assert len(first.paths) == 2
+    assert len(consumed) <= 2 + 2 * workers + 1
+    batches.close()
+
+
 def test_prefetch_runs_ahead_in_another_thread():
     produced = []
 
