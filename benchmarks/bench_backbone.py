@@ -80,7 +80,7 @@ class BenchContext:
         return self.onnx_path
 
 
-def ort_session(path: Path, threads: int):
+def ort_session(path: Path, threads: int, spin: bool = True):
     """CPU session tuned for throughput: all graph optimisations, one intra-op thread per core."""
     import onnxruntime as ort
 
@@ -89,6 +89,8 @@ def ort_session(path: Path, threads: int):
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
@@ -109,7 +111,7 @@ def torch_eager(ctx: BenchContext) -> Runner:
 @mode("ort")
 def ort_cpu(ctx: BenchContext) -> Runner:
     """ONNX Runtime CPU on the exported FP32 graph."""
-    sess = ort_session(ctx.fp32_onnx(), ctx.threads)
+    sess = ort_session(ctx.fp32_onnx(), ctx.threads, spin=not ctx.extra.get("passive", False))
     name = sess.get_inputs()[0].name
 
     def run(x: np.ndarray):
@@ -183,7 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--budget", type=float, default=120.0, help="seconds of timed runs per batch size, at most")
     p.add_argument("--onnx", type=Path, default=None, help="use this FP32 ONNX file instead of exporting")
+    p.add_argument("--passive", action="store_true",
+                   help="idle worker threads sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE for torch, "
+                        "allow_spinning=0 for ONNX Runtime): fairer on a machine shared with other jobs")
     args = p.parse_args(argv)
+    if args.passive:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # read when torch's OpenMP starts: before any torch import
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]
@@ -196,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = backbones.get_spec(args.backbone)
     size = args.image_size or spec.image_size
     with tempfile.TemporaryDirectory(prefix="bench_backbone_") as tmp:
-        ctx = BenchContext(args.backbone, size, args.threads, Path(tmp), args.onnx)
+        ctx = BenchContext(args.backbone, size, args.threads, Path(tmp), args.onnx, extra={"passive": args.passive})
         t0 = time.perf_counter()
         runners = {m: MODES[m](ctx) for m in modes}
         setup_s = time.perf_counter() - t0
@@ -223,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "benchmark": "bench_backbone", "backbone": args.backbone, "image_size": size,
         "weights": "random" if spec.family == "clip" else spec.weights, "setup_s": round(setup_s, 1),
+        "passive_threads": args.passive,
         "environment": environment(args.threads), "results": results, "ratios": ratios,
         "floor": {**FLOOR, "measured": ratios.get(key),
                   "pass": None if key not in ratios else ratios[key] >= FLOOR["min_ratio"]},

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from musc_edge.errors import DeviceError, InputError
+from musc_edge.errors import DeviceError, InputError, MuscEdgeError
 from musc_edge.export import backbones
 from musc_edge.options import parse_int_list
 
@@ -78,6 +78,7 @@ def export(backbone: str, weights: str | None, image_size: int | None, layers: s
     if out.suffix.lower() != ".onnx":
         raise InputError(f"--out {out} must end in .onnx")
 
+    _require_export_stack(spec.family)
     from musc_edge.export.onnx import export_onnx
     from musc_edge.export.weights import resolve_weights
 
@@ -95,6 +96,17 @@ def export(backbone: str, weights: str | None, image_size: int | None, layers: s
     if fmt == "engine":
         engine = _build_engine(result.path, meta, precision or "fp16", calib_dir, max_batch or 8)
         click.echo(f"wrote {engine}")
+
+
+def _require_export_stack(family: str) -> None:
+    """One line naming the extra when torch / onnx / open_clip are missing (not a traceback)."""
+    import importlib.util
+
+    needed = ["torch", "onnx", "onnxruntime"] + (["open_clip"] if family == "clip" else [])
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MuscEdgeError(f"`musc-edge export` needs {', '.join(missing)}, not installed here: "
+                            "pip install 'musc-edge[export]' on the export workstation")
 
 
 def _build_engine(onnx_path: Path, meta, precision: str, calib_dir: Path | None, max_batch: int) -> Path:

@@ -78,3 +78,12 @@ def test_engine_without_tensorrt_is_a_clear_error(capsys, tmp_path, tiny_spec):
     assert rc == 2
     assert "TensorRT" in err and "[trt]" in err
     assert (tmp_path / "t.onnx").is_file()  # the ONNX file is written first and stays usable
+
+
+def test_missing_export_stack_is_one_line(capsys, monkeypatch):
+    import importlib.util as util
+
+    real = util.find_spec
+    monkeypatch.setattr(util, "find_spec", lambda name, *a: None if name == "open_clip" else real(name, *a))
+    rc, _, err = run(capsys, "--backbone", "vit_b16", "--weights", "random")
+    assert rc == 2 and "open_clip" in err and "musc-edge[export]" in err
