@@ -53,7 +53,7 @@ def validate_layer_tokens(layer_tokens: Sequence[np.ndarray]) -> tuple[int, int]
                 f"layer {i}: shape {t.shape} disagrees with layer 0 (N={n_ref}, grid {g_ref}x{g_ref}); "
                 "all tapped layers must come from the same images and grid"
             )
-        if not np.isfinite(t).all():
+        if not all(np.isfinite(image).all() for image in t):  # per image: no layer-sized mask
             raise InputError(
                 f"layer {i}: tokens contain NaN or inf (shape {t.shape}); check the backbone export "
                 "(float16 overflow?) and the input images"
