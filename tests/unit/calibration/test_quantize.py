@@ -90,7 +90,7 @@ def test_defaults():
     vit = ModelMeta(backbone="vit_b16", weights="random", image_size=224, patch_size=16, grid=14, layers=(3, 6, 9, 12),
                     token_dims=(768,) * 4, embed_dim=512, mean=(0.5,) * 3, std=(0.5,) * 3)
     assert default_mode(vit) == "dynamic"
-    assert default_mode(tiny_meta()) == "static"
+    assert default_mode(tiny_meta()) == "static-pc"
 
 
 def test_model_without_metadata_is_refused(tmp_path, split):
