@@ -181,15 +181,17 @@ def build(spec: BackboneSpec, weights: WeightsChoice, image_size: int, layers: t
     """Build the tapped CLIP ViT of ``spec`` with ``weights`` at ``image_size``."""
     if image_size % spec.patch_size:
         raise InputError(f"--image-size {image_size} is not a multiple of {spec.name}'s patch size {spec.patch_size}")
+    # Find (or fail to find) the checkpoint before spending seconds on building the model.
+    if weights.kind == "pretrained":
+        path, source = fetch_clip_checkpoint(spec, weights.tag), f"the {weights.tag} checkpoint"
+    else:
+        path, source = weights.path, "checkpoint"
+    state_dict = load_state_dict(path) if path is not None else None
     if weights.kind == "random":
         torch.manual_seed(RANDOM_SEED)
     visual = build_visual(spec, image_size)
-    if weights.kind == "pretrained":
-        path = fetch_clip_checkpoint(spec, weights.tag)
-        load_visual_weights(visual, load_state_dict(path), spec, f"the {weights.tag} checkpoint {path}")
-    elif weights.kind == "file":
-        assert weights.path is not None
-        load_visual_weights(visual, load_state_dict(weights.path), spec, f"checkpoint {weights.path}")
+    if state_dict is not None:
+        load_visual_weights(visual, state_dict, spec, f"{source} {path}")
     visual.eval()
     module = ClipTaps(visual, layers, keep_all_blocks).eval()
     width = int(visual.conv1.out_channels)
