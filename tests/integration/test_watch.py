@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -31,7 +32,7 @@ def model(tmp_path_factory):
 
 
 def test_existing_and_new_images_are_each_reported_once(tmp_path, model) -> None:
-    cfg = config(tmp_path, threshold=0.5)
+    cfg = config(tmp_path, threshold=0.5, heatmaps=True)
     for i in range(5):
         write_png(cfg.folder / f"old_{i}.png", part_image(i))
     with ThreadedDaemon(cfg, model):
@@ -49,6 +50,8 @@ def test_existing_and_new_images_are_each_reported_once(tmp_path, model) -> None
         assert line["verdict"] == ("anomalous" if line["raw_score"] >= 0.5 else "good")
         assert line["scoring_time"] >= line["arrival_time"]
     assert [Path(line["path"]).name for line in lines][5:] == [f"new_{i}.png" for i in range(5)]
+    overlay = cv2.imread(lines[7]["heatmap"])  # at the original size of the part image
+    assert overlay is not None and overlay.shape == (40, 48, 3)
     assert max(lines[5:], key=lambda line: line["raw_score"])["path"].endswith("new_2.png")
 
 
