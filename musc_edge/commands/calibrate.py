@@ -49,8 +49,9 @@ def calibrate(model_path: Path, images: Path, out_path: Path, mode: str | None, 
                            batch=batch, cache=cache, report=not no_report, musc=not no_musc,
                            threads=threads or None)
     cfg = run.result.config
-    click.echo(f"wrote {run.result.path} ({cfg.mode}" + (f", {cfg.method}" if cfg.method else "")
-               + f", {len(run.result.calibration_images)} calibration images)")
+    how = (f"{cfg.method}, {len(run.result.calibration_images)} calibration images" if cfg.calibrated
+           else "no calibration: activation scales are computed at run time")
+    click.echo(f"wrote {run.result.path} ({cfg.mode}, {how})")
     if run.report is not None:
         click.echo(format_report(run.report))
         click.echo(f"report: {run.report_path}")
