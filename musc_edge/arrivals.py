@@ -27,6 +27,7 @@ from .io import is_image_name
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class _Watch:
     size: int
