@@ -52,7 +52,7 @@ def _engine_meta(path: Path) -> ModelMeta:
     side = sidecar_path(path)
     if not side.is_file():
         raise ModelError(f"{path} has no metadata sidecar {side.name}; build the engine with "
-                         "`musc-edge export --tensorrt`, which writes it")
+                         "`musc-edge export --format engine`, which writes it")
     try:
         data = json.loads(side.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
