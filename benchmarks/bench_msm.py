@@ -4,7 +4,9 @@ Prints one JSON document. For each N: our seconds, the baseline's seconds, their
 abs difference of the outputs, our peak RSS, and the GFLOP/s we reach next to this machine's
 measured float32 GEMM rate on a matrix product of the same shape as our blocks (same numpy/BLAS,
 same threads; a short burst before every MSM call and after the last, averaged, so that both see
-the same load on a shared machine).
+the same load on a shared machine). Because that load still moves between bursts, the same ratios
+are also given per CPU-second (process user + system time, all threads), which other processes
+on the machine do not inflate.
 
 Work per pool: ``len(layers) * len(r_list)`` MSM calls on (N, L, C) unit features. r only changes
 LNAMD's input to MSM, not MSM's work, so each layer's random unit features are reused for every r
@@ -75,21 +77,30 @@ def random_unit(rng: np.random.Generator, n: int, L: int, c: int, near: bool = F
     return z
 
 
-def gemm_rate(rows: int, cols: int, c: int, seconds: float = 0.6) -> float:
-    """Measured float32 GEMM GFLOP/s (total FLOPs / total time) for (rows, C) @ (C, cols).
+def cpu_seconds() -> float:
+    """CPU time of this process, all threads (user + system)."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
 
-    Same shape as our product blocks, same numpy/BLAS and threads.
+
+def gemm_rate(rows: int, cols: int, c: int, seconds: float = 0.6) -> tuple[float, float]:
+    """Measured float32 GEMM rate for (rows, C) @ (C, cols): (GFLOP/s wall, GFLOP per CPU-second).
+
+    Same shape as our product blocks, same numpy/BLAS and threads. The per-CPU-second rate does
+    not depend on how many cores other processes take from us at that moment.
     """
     rng = np.random.default_rng(1)
     a = rng.standard_normal((rows, c), dtype=np.float32)
     b = rng.standard_normal((cols, c), dtype=np.float32)
     a @ b.T
     count = 0
+    c0 = cpu_seconds()
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         a @ b.T
         count += 1
-    return count * 2.0 * rows * cols * c / (time.perf_counter() - t0) / 1e9
+    gflop = count * 2.0 * rows * cols * c / 1e9
+    return gflop / (time.perf_counter() - t0), gflop / (cpu_seconds() - c0)
 
 
 def peak_rss_mb() -> float:
@@ -113,25 +124,28 @@ def run_one(n: int, L: int, c: int, layers: int, r_count: int, do_baseline: bool
     # Side by side: for every (layer, r) a GEMM-rate burst, our call, then the baseline's call, so
     # all three see the same (shared, noisy) machine load.
     gemm_samples = []
-    ours_s = base_s = 0.0
+    ours_s = base_s = ours_cpu = base_cpu = 0.0
     diff = 0.0
     close = True
     for z in feats:
         for _ in range(r_count):
             gemm_samples.append(gemm_rate(bi * L, bj * L, c))
-            t0 = time.perf_counter()
+            c0, t0 = cpu_seconds(), time.perf_counter()
             ours = msm_mod.msm(z)
             ours_s += time.perf_counter() - t0
+            ours_cpu += cpu_seconds() - c0
             if do_baseline:
-                t0 = time.perf_counter()
+                c0, t0 = cpu_seconds(), time.perf_counter()
                 ref = baseline_msm(z)
                 base_s += time.perf_counter() - t0
+                base_cpu += cpu_seconds() - c0
                 diff = max(diff, float(np.abs(ref - ours).max()))
                 close = close and bool(np.allclose(ours, ref, rtol=1e-4, atol=1e-6))
     gemm_samples.append(gemm_rate(bi * L, bj * L, c))
 
     flops = calls * 2.0 * L * L * c * n * (n - 1) / 2.0
-    gemm = float(np.mean(gemm_samples))
+    gemm = float(np.mean([g[0] for g in gemm_samples]))
+    gemm_cpu = float(np.mean([g[1] for g in gemm_samples]))
     res = {
         "n": n,
         "features": "near-duplicate" if near else "random",
@@ -139,9 +153,12 @@ def run_one(n: int, L: int, c: int, layers: int, r_count: int, do_baseline: bool
         "ours_s": round(ours_s, 3),
         "ours_gflops": round(flops / ours_s / 1e9, 1),
         "gemm_gflops": round(gemm, 1),
-        "gemm_gflops_min_max": [round(min(gemm_samples), 1), round(max(gemm_samples), 1)],
+        "gemm_gflops_min_max": [round(min(g[0] for g in gemm_samples), 1), round(max(g[0] for g in gemm_samples), 1)],
         "gemm_shape": [bi * L, c, bj * L],
         "fraction_of_gemm": round(flops / ours_s / 1e9 / gemm, 3),
+        "ours_cpu_s": round(ours_cpu, 3),
+        "gemm_gflop_per_cpu_s": round(gemm_cpu, 1),
+        "fraction_of_gemm_per_cpu_s": round(flops / ours_cpu / 1e9 / gemm_cpu, 3),
         "peak_rss_mb": round(ours_peak, 1),
         "rss_before_msm_mb": round(rss_before, 1),
         "peak_rss_over_features_mb": round(ours_peak - rss_before, 1),
@@ -151,6 +168,8 @@ def run_one(n: int, L: int, c: int, layers: int, r_count: int, do_baseline: bool
             {
                 "baseline_s": round(base_s, 3),
                 "speedup": round(base_s / ours_s, 2),
+                "baseline_cpu_s": round(base_cpu, 3),
+                "speedup_cpu_s": round(base_cpu / ours_cpu, 2),
                 "max_abs_diff": diff,
                 "outputs_allclose_rtol1e-4_atol1e-6": close,
             }
