@@ -106,3 +106,22 @@ def test_offline_openai_export_fails_within_60s_naming_weights_path(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "--weights PATH" in lines[0]
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_cached_weights_are_used_without_network(tmp_path, monkeypatch):
+    """A file in the Hugging Face cache layout is found before any connection is tried."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rev = "0" * 40
+    repo = tmp_path / "models--timm--vit_base_patch16_clip_224.openai"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(rev)
+    snap = repo / "snapshots" / rev
+    snap.mkdir(parents=True)
+    (snap / "open_clip_pytorch_model.bin").write_bytes(b"weights")
+    import huggingface_hub
+
+    real = huggingface_hub.try_to_load_from_cache
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache",
+                        lambda repo_id, filename, **kw: real(repo_id, filename, cache_dir=tmp_path))
+    got = fetch_clip_checkpoint(backbones.get_spec("vit_b16"), "openai")
+    assert got == snap / "open_clip_pytorch_model.bin"
