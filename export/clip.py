@@ -15,7 +15,6 @@ CLIP's own, at the cost of running the unused blocks.
 from __future__ import annotations
 
 import copy
-import logging
 
 import torch
 from torch import nn
@@ -24,8 +23,6 @@ from musc_edge.errors import InputError, ModelError
 
 from .backbones import BackboneSpec, BuiltBackbone
 from .weights import WeightsChoice, fetch_clip_checkpoint, load_state_dict
-
-log = logging.getLogger(__name__)
 
 #: Seed of ``--weights random``: the same random model every time.
 RANDOM_SEED = 0

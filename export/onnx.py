@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -28,8 +27,6 @@ from musc_edge.errors import ModelError
 from musc_edge.meta import PREFIX, ModelMeta
 
 from .backbones import BuiltBackbone
-
-log = logging.getLogger(__name__)
 
 MIN_OPSET = 17
 #: Max abs difference torch vs ONNX Runtime allowed per output (issue 3).

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,9 +14,6 @@ import torch
 from musc_edge.errors import InputError, ModelError
 from musc_edge.export import backbones
 from musc_edge.export.weights import fetch_clip_checkpoint, load_state_dict, resolve_weights, sha256_file
-
-REPO = Path(__file__).resolve().parents[3]
-
 
 def test_resolve_tags_and_random():
     spec = backbones.get_spec("vit_b16")
