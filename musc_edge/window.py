@@ -156,9 +156,6 @@ class PoolWindow:
     def __len__(self) -> int:
         return len(self._slot_of)
 
-    def __contains__(self, seq: int) -> bool:
-        return seq in self._slot_of
-
     @property
     def nbytes(self) -> int:
         """Bytes of the preallocated arrays: fixed for the pool's life, whatever streams through."""
