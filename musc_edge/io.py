@@ -200,18 +200,38 @@ def output_names(samples: Sequence[Sample], suffix: str = ".png") -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------- writers
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename."""
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename or a new file in the folder ``path`` durable (POSIX: fsync of the folder)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, *, fsync: bool = False) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename.
+
+    A crash leaves the old or the new content, never half of it. With ``fsync`` the data is also
+    durable when this returns (fsync of the file before the rename and of the folder after): the
+    watch daemon's state needs that after a power cut; batch outputs (CSV, JSON, PNG) do not and
+    skip the two syncs.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if fsync:
+        fsync_dir(path.parent)
 
 
 def write_json(path: str | Path, obj: Any) -> None:

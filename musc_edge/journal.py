@@ -6,7 +6,8 @@ the old or the new version, never half of one:
 
 - ``state/entries/<seq>.npz``: the prepared window entry of each image in the pool (its tokens,
   embedding and pair rows, :class:`musc_edge.window.Entry`). Written *first*, atomically
-  (temp file, fsync, rename, fsync of the folder): it is the redo log of the image being added.
+  (temp file, fsync, rename, fsync of the folder: :func:`musc_edge.io.atomic_write_bytes` with
+  ``fsync=True``): it is the redo log of the image being added.
 - ``results.jsonl``: one line per reported image carrying its ``seq``. Reports come in seq order,
   so the highest seq in the file says what has been reported; a line cut by a crash is dropped.
 - ``state/journal.jsonl``: append-only; one record per processed file (``seq``, path, size, mtime)
@@ -34,6 +35,7 @@ from typing import Iterable
 import numpy as np
 
 from .errors import StateError
+from .io import atomic_write_bytes
 from .window import Entry
 
 log = logging.getLogger(__name__)
@@ -42,26 +44,6 @@ STATE_VERSION = 1
 
 
 # ----------------------------------------------------------------------------------------- primitives
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new file in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves the old or the new content."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 def append_durably(path: Path, lines: Iterable[str]) -> None:
     """Append whole lines in one write, then flush and fsync."""
     text = "".join(line.rstrip("\n") + "\n" for line in lines)
@@ -157,14 +139,14 @@ class StateDir:
         return state
 
     def save_state(self, state: dict) -> None:
-        atomic_write(self.state_path, json.dumps({**state, "version": STATE_VERSION}).encode())
+        atomic_write_bytes(self.state_path, json.dumps({**state, "version": STATE_VERSION}).encode(), fsync=True)
 
     # entries
     def entry_path(self, seq: int) -> Path:
         return self.entries_dir / f"{seq:012d}.npz"
 
     def save_entry(self, entry: Entry) -> None:
-        atomic_write(self.entry_path(entry.seq), entry_to_bytes(entry))
+        atomic_write_bytes(self.entry_path(entry.seq), entry_to_bytes(entry), fsync=True)
 
     def load_entry(self, seq: int) -> Entry:
         path = self.entry_path(seq)
@@ -203,4 +185,4 @@ class StateDir:
 
     def compact_journal(self, records: list[dict]) -> None:
         """Rewrite the journal with only ``records`` (those whose files still exist)."""
-        atomic_write(self.journal_path, "".join(json.dumps(r) + "\n" for r in records).encode())
+        atomic_write_bytes(self.journal_path, "".join(json.dumps(r) + "\n" for r in records).encode(), fsync=True)
