@@ -197,16 +197,19 @@ def _as_unit_float32(z: np.ndarray) -> np.ndarray:
     return z
 
 
+def _pair_block_bytes(L: int) -> int:
+    """Bytes one image pair adds to a product block: the L x L float32 product and its transposed
+    copy (taken on the exact-recompute path)."""
+    return 2 * 4 * L * L
+
+
 def _group_sizes(n: int, L: int, budget_for_block: int) -> tuple[int, int]:
     """Row and column group sizes (images) so that one product block fits the budget."""
-    per_pair = 4 * L * L * 2  # the product block + its transposed copy (exact-recompute path)
-    bi = max(1, min(_ROW_GROUP, n))
-    bj_target = max(1, min(_TARGET_BLOCK_BYTES, budget_for_block) // (per_pair * bi))
-    if bj_target < 1:
-        bj_target = 1
-    while bi > 1 and per_pair * bi * bj_target > budget_for_block:
-        bi -= 1
-    return bi, max(1, min(n, bj_target))
+    per_pair = _pair_block_bytes(L)
+    target = min(_TARGET_BLOCK_BYTES, budget_for_block)
+    bi = max(1, min(_ROW_GROUP, n, target // per_pair))
+    bj = max(1, min(n, target // (per_pair * bi)))
+    return bi, bj
 
 
 def msm(
@@ -229,7 +232,7 @@ def msm(
     z = _as_unit_float32(z)
 
     table_row_bytes = 4 * n * L  # one image's distances to every other image
-    block_budget = max(mem_budget_bytes // 4, 4 * L * L * 3)
+    block_budget = max(mem_budget_bytes // 4, _pair_block_bytes(L))
     owner = max(1, min(n, (mem_budget_bytes - block_budget) // table_row_bytes))
     bi, bj = _group_sizes(n, L, block_budget)
 
@@ -263,9 +266,7 @@ def _score_owner_block(z, o0, o1, bi, bj, interval, out) -> None:
                 rows, _ = _block_minima(z[i0:i1], z[j0:j1], want_cols=False, same_start=j0 == i0)
                 table[i0 - o0 : i1 - o0, j0:j1] = rows
     for i in range(o0, o1):
-        t = table[i - o0]
-        t[i] = np.inf  # self distance (0) is not another image
-        others = np.delete(t, i, axis=0)
+        others = np.delete(table[i - o0], i, axis=0)  # the self "distance" is not another image
         out[i] = interval_mean(others, interval)
 
 
