@@ -122,6 +122,47 @@ def discover(root: str | Path, gt: str | Path = "auto", *, exclude: Sequence[str
     return Dataset(root=root, layout="flat", samples=tuple(samples))
 
 
+#: Orders ``order_samples`` knows: by name (the listing order of ``discover``) or by modification time.
+ORDERS = ("name", "mtime")
+
+
+def order_samples(samples: Sequence[Sample], order: str = "name") -> tuple[Sample, ...]:
+    """The samples in the order a stream should see them (``score --order``).
+
+    ``name``: as :func:`discover` lists them (an MVTec category: by defect type, then file name).
+    ``mtime``: by file modification time, oldest first (production order when files were written
+    as parts came off the line), ties in name order; a file that vanished sorts last (and is skipped
+    when read). Batch MuSc does not depend on the order; a rolling window does.
+    """
+    if order not in ORDERS:
+        raise InputError(f"--order must be one of {', '.join(ORDERS)}, got {order!r}")
+    if order == "name":
+        return tuple(samples)
+
+    def mtime(s: Sample) -> int | float:
+        try:
+            return s.path.stat().st_mtime_ns
+        except OSError:
+            return float("inf")
+
+    keyed = [(mtime(s), i, s) for i, s in enumerate(samples)]
+    return tuple(s for _, _, s in sorted(keyed, key=lambda x: (x[0], x[1])))
+
+
+def grouped_by_type(samples: Sequence[Sample]) -> bool:
+    """True when samples of several defect types come in one run per type (MVTec listing order).
+
+    That is the worst order for a rolling window: a window full of one defect type lets the defect
+    match itself (MUSC_SPEC 8).
+    """
+    types = [s.defect_type for s in samples]
+    if len(set(types)) < 2 or any(t is None for t in types):
+        return False
+    runs = 1 + sum(a != b for a, b in zip(types, types[1:]))
+    repeated_defect = any(types.count(t) > 1 for t in set(types) if t != GOOD_TYPE)
+    return runs == len(set(types)) and repeated_defect
+
+
 def _discover_mvtec(root: Path, test_dir: Path, mode: str, mask_dir: Path | None, excluded: set[Path]) -> Dataset:
     if mode == "auto":
         mask_dir = root / "ground_truth" if (root / "ground_truth").is_dir() else None

@@ -366,7 +366,8 @@ class RollingScorer:
         seqs, maps, raw, final = self.pool.score_all()
         index = {s: i for i, s in enumerate(seqs)}
         map_range = (float(maps.min()), float(maps.max()))
-        return [Emission(s, self._info[s], maps[index[s]], float(raw[index[s]]), float(final[index[s]]),
+        # copies: a view would keep the whole pool's maps alive for as long as the caller keeps one
+        return [Emission(s, self._info[s], maps[index[s]].copy(), float(raw[index[s]]), float(final[index[s]]),
                          len(seqs), map_range) for s in due]
 
     def state(self) -> dict[str, Any]:
@@ -394,35 +395,121 @@ class RollingScorer:
         self.pending.extend(pending)
 
 
+class CentredStream:
+    """A finite stream of images scored through a centred rolling window, fed one image at a time.
+
+    This is ``musc-edge score --window W``: image i is reported once ``W // 2`` newer images have
+    arrived, so it is scored against a window centred on it (W // 2 newer images, the rest older;
+    the last ones against the final window): O(N * W) pair products instead of batch MuSc's
+    O(N^2) (MUSC_SPEC 3, 8). Optional ``references`` (known-good images, added first) stay in the
+    pool throughout, as in ``watch --reference``.
+
+    Nothing is kept per image but its result: while at most ``window`` stream images have arrived
+    their tokens are buffered, because a stream that ends there is one pool and is scored exactly
+    like batch MuSc (:func:`musc_edge.scorer.score_tokens`, the same numbers as without a window).
+    The (W+1)-th image starts a :class:`RollingScorer` (capacity W, delay W // 2): the buffer is
+    pushed into it and dropped, and from then on each image goes straight in. So at most
+    ``window + references`` images' tokens are ever held (:attr:`peak_held`), besides the one
+    being pushed, plus the scorer's fixed-size :class:`PoolWindow` and, per reported image, its
+    G x G map and two scores.
+    """
+
+    def __init__(self, grid: int, token_dims: Sequence[int], embed_dim: int, *, window: int,
+                 r_list: Sequence[int] = (1, 3, 5), interval: tuple[float, float] = (0.0, 0.3),
+                 k_list: Sequence[int] = (1, 2, 3)) -> None:
+        if window < 2:
+            raise InputError(f"--window must be at least 2, got {window}")
+        self.grid, self.token_dims, self.embed_dim = int(grid), tuple(token_dims), int(embed_dim)
+        self.window = int(window)
+        self.r_list, self.interval, self.k_list = tuple(r_list), interval, tuple(k_list)
+        self._refs: list[tuple[tuple[np.ndarray, ...], np.ndarray]] = []
+        self._buffer: list[tuple[tuple[np.ndarray, ...], np.ndarray]] = []
+        self._scorer: RollingScorer | None = None
+        self._maps: list[np.ndarray | None] = []
+        self._raw: list[float] = []
+        self._final: list[float] = []
+        self.peak_held = 0  #: most images whose tokens were held at once (references included)
+
+    def __len__(self) -> int:
+        """Stream images pushed so far."""
+        return len(self._maps)
+
+    @property
+    def held(self) -> int:
+        """Images whose tokens are held now (the buffer and the references before the scorer starts)."""
+        return len(self._refs) + len(self._buffer)
+
+    def add_reference(self, tokens: Sequence[np.ndarray], embedding: np.ndarray) -> None:
+        """A known-good image that seeds the pool and is never reported; before the first push."""
+        if self._maps:
+            raise StateError("reference images must be added before the first stream image")
+        self._refs.append((tuple(tokens), np.asarray(embedding)))
+        self.peak_held = max(self.peak_held, self.held)
+
+    def push(self, tokens: Sequence[np.ndarray], embedding: np.ndarray) -> None:
+        """Add the next image: tokens (1 + G*G, C_l) per tapped layer, embedding (D,)."""
+        seq = len(self._maps)
+        self._maps.append(None)
+        self._raw.append(np.nan)
+        self._final.append(np.nan)
+        if self._scorer is None and len(self._buffer) < self.window:
+            self._buffer.append((tuple(tokens), np.asarray(embedding)))
+            self.peak_held = max(self.peak_held, self.held)
+            return
+        if self._scorer is None:  # image W + 1: more than one window after all
+            self._start()
+        self._record(self._scorer.push(self._scorer.prepare(seq, tokens, embedding)))
+
+    def finish(self) -> Scores:
+        """Report the images still pending and return every stream image's scores, in order."""
+        n = len(self._maps)
+        if self._scorer is None:  # the whole stream fits one window: batch MuSc over it
+            images = self._refs + self._buffer
+            if len(images) < 2:
+                raise InputError(f"MuSc scores images against each other and needs >= 2, got {len(images)}")
+            pool = score_tokens([np.stack([img[0][layer] for img in images]) for layer in range(len(self.token_dims))],
+                                np.stack([img[1] for img in images]), r_list=self.r_list, interval=self.interval,
+                                k_list=self.k_list)
+            skip = len(self._refs)
+            self._refs, self._buffer = [], []
+            return Scores(pool.patch_maps[skip:], pool.image_scores_raw[skip:], pool.image_scores[skip:])
+        self._record(self._scorer.flush())
+        if any(m is None for m in self._maps):  # cannot happen: delay < window and flush reports the rest
+            raise StateError(f"stream scoring reported {sum(m is not None for m in self._maps)} of {n} images")
+        return Scores(np.stack(self._maps), np.asarray(self._raw, np.float64), np.asarray(self._final, np.float64))
+
+    def _start(self) -> None:
+        """More images than one window: from now on each image goes through the rolling scorer."""
+        self._scorer = RollingScorer(self.grid, self.token_dims, self.embed_dim, capacity=self.window,
+                                     delay=self.window // 2, min_pool=2, n_references=len(self._refs),
+                                     r_list=self.r_list, interval=self.interval, k_list=self.k_list)
+        n_refs = len(self._refs)
+        for i in range(n_refs):  # popped as they go in: their LNAMD features now live in the pool
+            tokens, embedding = self._refs.pop(0)
+            self._scorer.add_reference(self._scorer.pool.prepare(i - n_refs, tokens, embedding))
+        for seq in range(len(self._buffer)):
+            tokens, embedding = self._buffer.pop(0)
+            self._record(self._scorer.push(self._scorer.prepare(seq, tokens, embedding)))
+
+    def _record(self, emissions: list[Emission]) -> None:
+        for e in emissions:
+            self._maps[e.seq], self._raw[e.seq], self._final[e.seq] = e.patch_map, e.raw_score, e.image_score
+
+
 def stream_scores(layer_tokens: Sequence[np.ndarray], embedding: np.ndarray, *, window: int,
                   r_list: Sequence[int] = (1, 3, 5), interval: tuple[float, float] = (0.0, 0.3),
                   k_list: Sequence[int] = (1, 2, 3)) -> Scores:
-    """Score N images in their given order as a stream through a rolling window of ``window``.
+    """Score N images, held in memory, in their given order as a stream (:class:`CentredStream`).
 
     Each image is scored against a centred window (``window // 2`` newer images, the rest older;
-    the last ones against the final window), so the scoring costs O(N * W) pair products and
-    O(W) memory instead of batch MuSc's O(N^2). With N <= window the whole set is one pool and
-    this is :func:`musc_edge.scorer.score_tokens`.
+    the last ones against the final window), so the scoring costs O(N * W) pair products instead
+    of batch MuSc's O(N^2). With N <= window the whole set is one pool and this is
+    :func:`musc_edge.scorer.score_tokens`.
     layer_tokens: (N, 1 + G*G, C_l) per tapped layer; embedding: (N, D). Returns Scores in order.
     """
-    n = int(np.asarray(embedding).shape[0])
-    if n <= window:
-        return score_tokens(list(layer_tokens), embedding, r_list=tuple(r_list), interval=interval,
-                            k_list=tuple(k_list))
-    g = patch_grid(layer_tokens[0].shape[1])
-    scorer = RollingScorer(g, [t.shape[2] for t in layer_tokens], embedding.shape[1], capacity=window,
-                           delay=window // 2, min_pool=2, r_list=r_list, interval=interval, k_list=k_list)
-    maps = np.empty((n, g, g), np.float64)
-    raw, final = np.empty(n), np.empty(n)
-    done = 0
-    for i in range(n):
-        entry = scorer.prepare(i, [t[i] for t in layer_tokens], embedding[i])
-        for e in scorer.push(entry):
-            maps[e.seq], raw[e.seq], final[e.seq] = e.patch_map, e.raw_score, e.image_score
-            done += 1
-    for e in scorer.flush():
-        maps[e.seq], raw[e.seq], final[e.seq] = e.patch_map, e.raw_score, e.image_score
-        done += 1
-    if done != n:  # cannot happen: delay < window and flush reports the rest
-        raise StateError(f"stream scoring reported {done} of {n} images")
-    return Scores(maps, raw, final)
+    embedding = np.asarray(embedding)
+    stream = CentredStream(patch_grid(layer_tokens[0].shape[1]), [t.shape[2] for t in layer_tokens],
+                           embedding.shape[1], window=window, r_list=r_list, interval=interval, k_list=k_list)
+    for i in range(embedding.shape[0]):
+        stream.push([t[i] for t in layer_tokens], embedding[i])
+    return stream.finish()

@@ -25,12 +25,20 @@ from musc_edge.options import (batch_option, device_option, heatmaps_option, k_o
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Threads decoding images ahead of the model.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@click.option("--window", type=click.IntRange(2), default=None,
-              help="Score as a stream, in listing order: each image against a rolling window of W images "
-                   "(W/2 newer), O(N*W) instead of O(N^2) pair products.")
+@click.option("--window", type=click.IntRange(2), default=None, metavar="W",
+              help="Score as a stream with bounded memory: each image against a rolling window of W images "
+                   "centred on it (W/2 newer), O(N*W) instead of O(N^2) pair products; at most W images' "
+                   "features are held. A folder of at most W images gets the batch scores.")
+@click.option("--order", type=click.Choice(["name", "mtime"]), default="name", show_default=True,
+              help="Order of the stream for --window: file name, or modification time (production order). "
+                   "MVTec-style categories list images by defect type, the worst order for a window (a "
+                   "repeated defect matches itself). Batch scores do not depend on it; rows follow it.")
+@click.option("--reference", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+              metavar="DIR", help="With --window: known-good images that seed every window and are never "
+                                  "scored, so a defect repeated through a window still stands out.")
 def score(data_dir: Path, model_path: Path, out_dir: Path, batch: int, r_list: tuple[int, ...],
           k_list: tuple[int, ...], gt: str, heatmaps: bool, device: str, workers: int, quiet: bool,
-          window: int | None) -> None:
+          window: int | None, order: str, reference: Path | None) -> None:
     """Score every image of DIR against the others (MuSc, zero-shot) and write the results.
 
     DIR is a flat folder of images (jpg/png/bmp/tiff) or an MVTec-style category
@@ -38,26 +46,21 @@ def score(data_dir: Path, model_path: Path, out_dir: Path, batch: int, r_list: t
     Writes OUT/scores.csv, OUT/run.json, OUT/metrics.json (when ground truth exists) and, with
     --heatmaps, OUT/maps/<type>/<stem>.png overlays at the original image size.
 
-    Example: musc-edge score data/magnetic_tile --model effnet.onnx --out results --heatmaps
+    Without --window every image's features are kept (float16) and scored in one pool; --window W
+    streams the folder (in --order) through a rolling window and keeps only each image's map.
+
+    \b
+    Examples:
+      musc-edge score data/magnetic_tile --model effnet.onnx --out results --heatmaps
+      musc-edge score /data/line1 --model effnet.onnx --out results --window 64 --order mtime
     """
-    from musc_edge.batch import ScoreSettings, batch_score_step, score_folder
+    from musc_edge.batch import ScoreSettings, score_folder
 
     settings = ScoreSettings(batch_size=batch, r_list=r_list, k_list=k_list, gt=gt, heatmaps=heatmaps,
-                             device=device, workers=workers, progress=not quiet)
-    step = batch_score_step if window is None else window_score_step(window)
-    result = score_folder(data_dir, model_path, out_dir, settings, score_step=step)
+                             device=device, workers=workers, progress=not quiet, window=window, order=order,
+                             reference=reference)
+    result = score_folder(data_dir, model_path, out_dir, settings)
     click.echo(format_summary(result.run, result.metrics, result.out_dir, result.files))
-
-
-def window_score_step(window: int):
-    """A score step (see ``musc_edge.batch.ScoreStep``) that streams the pool through a window."""
-    from musc_edge.window import stream_scores
-
-    def step(tokens, embedding, r_list, k_list):
-        return stream_scores(tokens, embedding, window=window, r_list=tuple(r_list), k_list=tuple(k_list))
-
-    step.__name__ = f"rolling_window_{window}"
-    return step
 
 
 def format_summary(run: dict, metrics: dict | None, out_dir: Path, files: dict[str, str]) -> str:

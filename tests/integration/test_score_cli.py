@@ -225,7 +225,7 @@ def test_feature_stage_never_holds_all_decoded_images(tmp_path, model):
     """Peak traced memory of the feature stage stays far below the size of all decoded images."""
     import tracemalloc
 
-    from musc_edge.batch import ScoreSettings, _extract
+    from musc_edge.batch import BatchPool, ScoreSettings, _extract
     from musc_edge.io import discover
     from musc_edge.runtime.model import load_model
 
@@ -236,12 +236,14 @@ def test_feature_stage_never_holds_all_decoded_images(tmp_path, model):
     for i in range(n):
         cv2.imwrite(str(data / f"{i:03d}.png"), rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
     all_decoded = n * side * side * 3
+    settings = ScoreSettings(batch_size=8, progress=False)
     with load_model(model) as extractor:
         tracemalloc.start()
         try:
-            pool = _extract(discover(data), extractor, ScoreSettings(batch_size=8, progress=False))
+            pool = BatchPool(extractor.meta, n, settings)
+            ext = _extract(discover(data), extractor, settings, pool)
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
-    assert len(pool.samples) == n and all(t.dtype == np.float16 for t in pool.tokens)
+    assert len(ext.samples) == n and all(t.dtype == np.float16 and len(t) == n for t in pool.tokens)
     assert peak < all_decoded / 3, f"peak {peak / 1e6:.1f} MB vs {all_decoded / 1e6:.1f} MB of decoded images"

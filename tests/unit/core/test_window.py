@@ -8,7 +8,7 @@ import pytest
 from musc_edge.errors import InputError, StateError
 from musc_edge.msm import pair_min_distances
 from musc_edge.scorer import score_tokens
-from musc_edge.window import PoolWindow, RollingScorer, pair_rows, stream_scores
+from musc_edge.window import CentredStream, PoolWindow, RollingScorer, pair_rows, stream_scores
 
 G = 4
 DIMS = (8, 12)  # two tapped layers of different width
@@ -222,3 +222,56 @@ def test_stream_scores_of_a_folder_in_order() -> None:
     small = stream_scores([t[:5] for t in tokens], emb[:5], window=6, r_list=R_LIST)
     np.testing.assert_array_equal(small.image_scores, score_tokens([t[:5] for t in tokens], emb[:5],
                                                                    r_list=R_LIST).image_scores)
+
+
+def window_of(i: int, n: int, w: int) -> range:
+    """The stream images in the pool when image i of n is reported (score --window w).
+
+    It is reported when w // 2 newer images have arrived (or at the end); the window then holds
+    the last w images that have arrived.
+    """
+    last = min(i + w // 2, n - 1)
+    return range(max(0, last - w + 1), last + 1)
+
+
+@pytest.mark.parametrize("n, w", [(13, 4), (11, 5), (9, 2)])
+def test_centred_stream_scores_each_image_against_its_window_holding_at_most_w(n: int, w: int) -> None:
+    """Every image equals batch MuSc over the window it was reported in; never more than W held."""
+    rng = np.random.default_rng(20 + n)
+    images = [make_image(rng) for _ in range(n)]
+    stream = CentredStream(G, DIMS, EMB, window=w, r_list=R_LIST)
+    for tokens, emb in images:
+        stream.push(tokens, emb)
+        assert stream.held <= w
+    got = stream.finish()
+    assert stream.peak_held == w  # the buffer fills to w, then goes into the rolling scorer
+    for i in range(n):
+        pool = list(window_of(i, n, w))
+        ref = batch_scores([images[j] for j in pool])
+        k = pool.index(i)
+        np.testing.assert_allclose(got.patch_maps[i], ref.patch_maps[k], rtol=0, atol=1e-5)
+        assert got.image_scores_raw[i] == pytest.approx(ref.image_scores_raw[k], abs=1e-5)
+        assert got.image_scores[i] == pytest.approx(ref.image_scores[k], abs=1e-5)
+
+
+def test_centred_stream_with_references() -> None:
+    """References sit in every window and are never reported; a short stream is one batch pool."""
+    rng = np.random.default_rng(31)
+    refs = [make_image(rng) for _ in range(2)]
+    images = [make_image(rng) for _ in range(9)]
+    for n in (3, 9):  # n <= W: one pool of refs + stream; n > W: refs + the rolling window
+        stream = CentredStream(G, DIMS, EMB, window=4, r_list=R_LIST)
+        for tokens, emb in refs:
+            stream.add_reference(tokens, emb)
+        for tokens, emb in images[:n]:
+            stream.push(tokens, emb)
+        got = stream.finish()
+        assert got.patch_maps.shape == (n, G, G) and stream.peak_held <= 2 + 4
+        for i in range(n):
+            pool = list(range(n)) if n <= 4 else list(window_of(i, n, 4))
+            ref = batch_scores(refs + [images[j] for j in pool])
+            k = 2 + pool.index(i)
+            np.testing.assert_allclose(got.patch_maps[i], ref.patch_maps[k], rtol=0, atol=1e-5)
+            assert got.image_scores[i] == pytest.approx(ref.image_scores[k], abs=1e-5)
+    with pytest.raises(StateError, match="before the first"):
+        stream.add_reference(*refs[0])
