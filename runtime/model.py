@@ -8,7 +8,6 @@ warns (once per file and process) when the weights are random, since its scores 
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -27,14 +26,6 @@ ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 _warned_random: set[str] = set()
 
 
-def sidecar_path(engine: str | Path) -> Path:
-    """JSON metadata next to a TensorRT engine: ``model.engine.json`` (or ``model.json``)."""
-    engine = Path(engine)
-    first = engine.with_name(engine.name + ".json")
-    second = engine.with_suffix(".json")
-    return first if first.exists() or not second.exists() else second
-
-
 def read_meta(path: str | Path) -> ModelMeta:
     """The :class:`ModelMeta` of an ONNX model or TensorRT engine; ModelError if it has none."""
     path = Path(path)
@@ -49,17 +40,10 @@ def read_meta(path: str | Path) -> ModelMeta:
 
 
 def _engine_meta(path: Path) -> ModelMeta:
-    side = sidecar_path(path)
-    if not side.is_file():
-        raise ModelError(f"{path} has no metadata sidecar {side.name}; build the engine with "
-                         "`musc-edge export --format engine`, which writes it")
-    try:
-        data = json.loads(side.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"{side} is not readable JSON metadata ({e})") from None
-    if not isinstance(data, dict):
-        raise ModelError(f"{side} is not a JSON object of musc-edge metadata")
-    return ModelMeta.from_dict(data, source=str(path))
+    # The sidecar is written and read in one place, beside the engine runner (importable without TensorRT).
+    from .backends.tensorrt import read_sidecar
+
+    return ModelMeta.from_dict(read_sidecar(path), source=str(path))
 
 
 def _session_meta(session, path: Path) -> ModelMeta:
