@@ -2,6 +2,7 @@
 
     python benchmarks/bench_backbone.py                      # ViT-B/16 @ 224, batch 1 and 8
     python benchmarks/bench_backbone.py --modes torch,ort --batches 8 --repeats 5
+    python benchmarks/bench_backbone.py --modes torch,ort,ort-attention    # + ORT's fused Attention op
     python benchmarks/bench_backbone.py --backbone efficientnet_lite0
     python benchmarks/bench_backbone.py --modes ort,int8-static,int8-static-pc,int8-dynamic --batches 8
 
@@ -81,17 +82,13 @@ class BenchContext:
 
 
 def ort_session(path: Path, threads: int, spin: bool = True):
-    """CPU session tuned for throughput: all graph optimisations, one intra-op thread per core."""
-    import onnxruntime as ort
+    """The runtime's own CPU session (what `musc-edge score --device cpu` runs on).
 
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    if not spin:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    ``spin=False`` (``--passive``) only adds ``session.intra_op.allow_spinning=0``.
+    """
+    from musc_edge.runtime.backends.onnxruntime import open_session
+
+    return open_session(path, threads=threads, config=None if spin else {"session.intra_op.allow_spinning": "0"})
 
 
 @mode("torch")
@@ -110,9 +107,63 @@ def torch_eager(ctx: BenchContext) -> Runner:
 
 @mode("ort")
 def ort_cpu(ctx: BenchContext) -> Runner:
-    """ONNX Runtime CPU on the exported FP32 graph."""
+    """ONNX Runtime CPU on the exported FP32 graph, through the runtime's session (score's config)."""
     sess = ort_session(ctx.fp32_onnx(), ctx.threads, spin=not ctx.extra.get("passive", False))
     name = sess.get_inputs()[0].name
+
+    def run(x: np.ndarray):
+        return sess.run(None, {name: x})
+    return run
+
+
+def _split_qkv_attention(self, x):
+    """ExportBlock attention with separate q/k/v projections, in the subgraph pattern that
+    onnxruntime.transformers' CLIP fusion turns into com.microsoft Attention (same arithmetic)."""
+    import torch
+
+    c, h, d, n = self.heads * self.head_dim, self.heads, self.head_dim, self.tokens
+    w, b = self.in_proj_weight, self.in_proj_bias
+    lin = torch.nn.functional.linear
+    q = lin(x, w[:c], b[:c]).reshape(-1, n, h, d).transpose(1, 2)
+    k = lin(x, w[c:2 * c], b[c:2 * c]).reshape(-1, n, h, d).permute(0, 2, 3, 1)
+    v = lin(x, w[2 * c:], b[2 * c:]).reshape(-1, n, h, d).transpose(1, 2)
+    a = torch.softmax((q @ k) * self.scale, dim=-1)
+    return self.out_proj((a @ v).transpose(1, 2).reshape(-1, n, c))
+
+
+@mode("ort-attention")
+def ort_fused_attention(ctx: BenchContext) -> Runner:
+    """Experiment (not used by the runtime): CLIP ViT exported with split q/k/v, then
+    onnxruntime.transformers.optimizer(model_type="clip") fuses each block's attention into one
+    com.microsoft Attention op (and SkipLayerNormalization); run with the runtime's session."""
+    from unittest import mock
+
+    from onnxruntime.transformers import optimizer
+
+    from musc_edge.export.clip import ExportBlock
+    from musc_edge.export.onnx import export_onnx
+
+    if ctx.built.spec.family != "clip":
+        raise SystemExit("mode ort-attention needs a CLIP ViT backbone")
+    plain = ctx.workdir / "split_qkv.onnx"
+    with mock.patch.object(ExportBlock, "attention", _split_qkv_attention):
+        export_onnx(ctx.built, plain)
+    blk = ctx.built.export_module.blocks[0]
+    opt = optimizer.optimize_model(str(plain), model_type="clip", num_heads=blk.heads,
+                                   hidden_size=blk.heads * blk.head_dim, opt_level=0, use_gpu=False)
+    fused = opt.get_fused_operator_statistics()
+    out = ctx.workdir / "split_qkv.ort_fused.onnx"
+    opt.save_model_to_file(str(out))
+    sess = ort_session(out, ctx.threads, spin=not ctx.extra.get("passive", False))
+    name = sess.get_inputs()[0].name
+    import torch
+
+    x = np.random.default_rng(1).standard_normal((2, 3, ctx.image_size, ctx.image_size), dtype=np.float32)
+    with torch.inference_mode():
+        ref = [t.numpy() for t in ctx.built.module(torch.from_numpy(x))]
+    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(ref, sess.run(None, {name: x})))
+    ctx.extra.setdefault("notes", {})["ort-attention"] = {
+        "fused_ops": {k: v for k, v in fused.items() if v}, "max_abs_diff_to_torch": diff}
 
     def run(x: np.ndarray):
         return sess.run(None, {name: x})
@@ -147,22 +198,26 @@ for _quant_mode in ("static", "static-pc", "dynamic"):
 
 
 def measure(runners: dict[str, Runner], batch: int, size: int, repeats: int, warmup: int,
-            budget_s: float) -> dict[str, list[float]]:
-    """Seconds per run of every runner, interleaved round by round (stops early past ``budget_s``)."""
+            budget_s: float) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and process-CPU seconds per run of every runner, interleaved round by round (stops
+    early past ``budget_s``). CPU seconds show work done, robust to other processes' load; they
+    include spin-waiting of idle worker threads."""
     x = np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)
     for run in runners.values():
         for _ in range(warmup):
             run(x)
     times: dict[str, list[float]] = {name: [] for name in runners}
+    cpu: dict[str, list[float]] = {name: [] for name in runners}
     start = time.perf_counter()
     for i in range(repeats):
         for name, run in runners.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             run(x)
             times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
         if i >= 1 and time.perf_counter() - start > budget_s:
             break
-    return times
+    return times, cpu
 
 
 def environment(threads: int) -> dict:
@@ -209,13 +264,14 @@ def main(argv: list[str] | None = None) -> int:
         setup_s = time.perf_counter() - t0
         results, ratios = [], {}
         for batch in batches:
-            times = measure(runners, batch, size, args.repeats, args.warmup, args.budget)
+            times, cpu = measure(runners, batch, size, args.repeats, args.warmup, args.budget)
             per_mode = {}
             for m, ts in times.items():
                 med = statistics.median(ts)
                 per_mode[m] = batch / med
                 results.append({"mode": m, "batch": batch, "images_per_s": round(batch / med, 3),
                                 "ms_per_batch_median": round(1e3 * med, 1), "ms_per_batch_min": round(1e3 * min(ts), 1),
+                                "cpu_s_per_image_median": round(statistics.median(cpu[m]) / batch, 3),
                                 "runs": len(ts)})
             if "torch" in per_mode:
                 for m, ips in per_mode.items():
@@ -231,7 +287,10 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "bench_backbone", "backbone": args.backbone, "image_size": size,
         "weights": "random" if spec.family == "clip" else spec.weights, "setup_s": round(setup_s, 1),
         "passive_threads": args.passive,
+        "ort_session": "musc_edge.runtime.backends.onnxruntime.open_session (ORT_ENABLE_ALL, sequential, "
+                       f"{args.threads} intra-op threads{', no spinning' if args.passive else ''})",
         "environment": environment(args.threads), "results": results, "ratios": ratios,
+        **({"notes": ctx.extra["notes"]} if ctx.extra.get("notes") else {}),
         "floor": {**FLOOR, "measured": ratios.get(key),
                   "pass": None if key not in ratios else ratios[key] >= FLOOR["min_ratio"]},
     }

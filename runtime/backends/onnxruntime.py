@@ -77,8 +77,14 @@ def resolve_providers(device: str, available: Sequence[str], *, trt_cache_dir: s
     return providers
 
 
-def session_options(threads: int | None = None):
-    """Session options tuned for CPU speed: full graph optimisation, sequential execution."""
+def session_options(threads: int | None = None, config: Mapping[str, str] | None = None):
+    """Session options tuned for CPU speed: full graph optimisation, sequential execution.
+
+    ``config`` adds ONNX Runtime session config entries (e.g. ``session.intra_op.allow_spinning``
+    = ``"0"``). What was measured for ViT-B/16 on CPU (docs/export.md, "Benchmark"): the matrix
+    products take ~90% of the run, so ORT's other knobs (spinning, denormals as zero, the fused
+    com.microsoft Attention op) change images/s by less than the noise; the defaults stay.
+    """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -87,18 +93,24 @@ def session_options(threads: int | None = None):
     so.intra_op_num_threads = int(threads or 0)  # 0 = one per physical core
     so.inter_op_num_threads = 1
     so.log_severity_level = 3  # errors only: keep stderr for our progress bar
+    for key, value in (config or {}).items():
+        so.add_session_config_entry(str(key), str(value))
     return so
 
 
 def open_session(path: str | Path, providers: Sequence[tuple[str, dict[str, Any]]] = ((CPU, {}),),
-                 threads: int | None = None, optimize: bool = True):
-    """``onnxruntime.InferenceSession`` for a file, with a one-line ModelError if it is no model."""
+                 threads: int | None = None, optimize: bool = True, config: Mapping[str, str] | None = None):
+    """``onnxruntime.InferenceSession`` for a file, with a one-line ModelError if it is no model.
+
+    This is the session every command (``score``, ``watch``, ``calibrate``) runs on, and the one
+    ``benchmarks/bench_backbone.py`` times as mode ``ort``.
+    """
     import onnxruntime as ort
 
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"model file not found: {path}; export one with `musc-edge export`")
-    so = session_options(threads)
+    so = session_options(threads, config)
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     for _, options in providers:
