@@ -14,13 +14,15 @@ d_j,new (the row and column minima, MUSC_SPEC 3); evicting one is bookkeeping. T
 image is then an interval mean over the d_ij rows it already has, a selection (``np.partition``)
 over W values per patch. The maps equal :func:`musc_edge.scorer.score_tokens` over the same pool.
 
-Two layers:
+Three layers:
 
 - :class:`PoolWindow`: the pool itself (add, evict, maps, RsCIN), keyed by a caller-chosen integer
   ``seq``. It knows nothing of order or emission.
 - :class:`RollingScorer`: the streaming policy on top (MUSC_SPEC 8, issue 4): a window of the last
   ``capacity`` stream images plus fixed reference images, reporting each image once ``delay`` newer
-  images have arrived and the pool holds ``min_pool`` images, oldest first.
+  images have arrived and the pool holds ``min_pool`` images, oldest first (``watch``).
+- :class:`CentredStream`: a finite stream fed one image at a time, each image scored against a
+  window centred on it (``score --window``; :func:`stream_scores` for tokens already in memory).
 
 Adding is split into :meth:`RollingScorer.prepare` (pure: computes an :class:`Entry` holding the new
 image's features and its pair rows) and :meth:`RollingScorer.push` (applies it), so that a caller
