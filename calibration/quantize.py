@@ -10,6 +10,14 @@ Four modes, because the fastest INT8 form depends on the backbone and on where i
 ``static-pc``
     Static Q/DQ with int8 activations and per-channel int8 weights: more accurate weights, but
     ONNX Runtime's CPU kernels for s8 x s8 are slower.
+``static-cnn``
+    The recipe for ReLU6 CNNs (EfficientNet-Lite, MobileNet), from a per-layer sensitivity
+    analysis of EfficientNet-Lite0 on MTD (docs/int8_tensorrt.md, :func:`cnn_plan`): uint8
+    activations and per-channel int8 weights (the fast u8 x s8 kernels); Clip/Relu quantized
+    too, so a convolution's output gets the ReLU6 range [0, 6] instead of its raw range (up to
+    +-100: only ~8 of 256 levels would land in [0, 6]); 7-bit weights on the non-depthwise
+    convolutions, whose u8 x s8 GEMM saturates int16 (VPMADDUBSW) on x86 without VNNI; and the
+    most sensitive convolutions (the stem and the first block's depthwise) left in FP32.
 ``dynamic``
     ``quantize_dynamic`` of the MatMuls: int8 weights, activation scales computed per batch at run
     time. No calibration images are needed. Fastest for ViTs on the CPU; it leaves convolutions
@@ -19,7 +27,8 @@ Four modes, because the fastest INT8 form depends on the backbone and on where i
     (zero point 0), per-channel weights, Q/DQ only on the inputs of Conv/MatMul/Gemm. Meant for
     ``musc-edge export --format engine --precision int8``, not for ONNX Runtime on the CPU.
 
-Only Conv, MatMul and Gemm are quantized in every mode: they hold nearly all the FLOPs, while
+Only Conv, MatMul and Gemm are quantized in every mode (plus Clip/Relu in ``static-cnn``, which
+ONNX Runtime folds into the convolution's output range): they hold nearly all the FLOPs, while
 quantizing LayerNormalization, Softmax or the residual Adds costs accuracy and buys no speed
 (and TensorRT keeps them in higher precision anyway).
 
@@ -45,10 +54,12 @@ from .reader import ImageFolderReader
 
 log = logging.getLogger(__name__)
 
-MODES = ("static", "static-pc", "dynamic", "trt")
+MODES = ("static", "static-pc", "static-cnn", "dynamic", "trt")
 METHODS = ("minmax", "entropy", "percentile")
 #: The op types we quantize (see the module docstring).
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
+#: Activations ``static-cnn`` quantizes as well, so their input range becomes their output range.
+CLIPPING_OPS = ("Clip", "Relu")
 #: ONNX ops that mark a graph as already quantized.
 QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
              "QLinearConv", "QLinearMatMul"}
@@ -107,12 +118,66 @@ def default_mode(meta: ModelMeta) -> str:
 
     ViTs: ``dynamic``: ViT-B/16 at batch 8 ran 2.0x FP32 (static 1.5x, static-pc 1.6x) at the
     same cosine (>= 0.984 on every output) on our AVX2 CPU.
-    CNNs: ``static-pc``: the least inaccurate mode for EfficientNet-Lite0 (per-channel weights),
-    though on the MTD sample it still lost 0.028 image AUROC (``static``: 0.031), above the
-    issue's 0.01, and it brings no speed on a CPU without VNNI: for CNNs on such a CPU keep FP32
-    (docs/int8_tensorrt.md); ``dynamic`` quantizes no convolution at all.
+    CNNs: ``static-cnn``: on EfficientNet-Lite0 and a 120-image MTD subset it lost at most
+    0.003 image AUROC (issue floor 0.01) at about 1.35x FP32, where ``static`` lost 0.03 and
+    ``static-pc`` 0.03 at no speed-up; ``dynamic`` quantizes no convolution at all.
     """
-    return "dynamic" if meta.backbone.startswith("vit") else "static-pc"
+    return "dynamic" if meta.backbone.startswith("vit") else "static-cnn"
+
+
+@dataclass(frozen=True)
+class CnnPlan:
+    """Which convolutions ``static-cnn`` keeps in FP32 and which weights it quantizes to 7 bits.
+
+    float_convs: node names left unquantized. reduced_weights: weight initializers quantized
+    with ``reduce_range`` (7-bit) because their convolution runs as a u8 x s8 GEMM.
+    """
+
+    float_convs: tuple[str, ...]
+    reduced_weights: tuple[str, ...]
+
+
+def _is_depthwise(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> bool:
+    """A grouped convolution with one input channel per group (weight shape (C, 1, kh, kw))."""
+    group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    shape = shapes.get(node.input[1]) if len(node.input) > 1 else None
+    return group > 1 and shape is not None and len(shape) == 4 and shape[1] == 1
+
+
+def cnn_plan(model: onnx.ModelProto) -> CnnPlan:
+    """The ``static-cnn`` plan for a CNN graph (pure: reads the graph, changes nothing).
+
+    Rule, from excluding one convolution at a time on EfficientNet-Lite0 (cosine of every
+    output on 8 MTD images, int8 kernels; docs/int8_tensorrt.md): the convolutions *before the
+    second dense one* stay FP32. They are the stem (it reads the raw image) and, in a
+    MobileNet/EfficientNet, the first block's depthwise convolution, whose BatchNorm-folded
+    weights amplify the stem's quantization error (outputs up to +-100): leaving the latter in
+    FP32 raised the tokens' cosine from 0.972 to 0.984, the stem another 0.984 to 0.991, while
+    no other single convolution moved it by more than 0.004. For a ResNet the rule keeps only
+    the stem. They cost little time: the stem has 3 input channels, depthwise convs few FLOPs.
+
+    Every other non-depthwise convolution gets 7-bit weights: ONNX Runtime runs u8 x s8 convs as
+    a GEMM that, on x86 without AVX-512 VNNI, sums pairs of u8 x s8 products in int16
+    (VPMADDUBSW) and saturates with 8-bit weights (255 * 127 * 2 > 32767); with that saturation
+    the tokens' cosine fell from 0.987 (simulated) to 0.94 (run). Depthwise kernels accumulate
+    in int32, so they keep 8 bits (7 bits there cost 0.02 cosine).
+    """
+    shapes = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    float_convs: list[str] = []
+    dense_seen = 0
+    for n in convs:
+        if not _is_depthwise(n, shapes):
+            dense_seen += 1
+            if dense_seen == 2:
+                break
+        float_convs.append(n.name)
+    keep = set(float_convs)
+    if any(not name for name in keep):
+        log.warning("an unnamed convolution cannot be kept in FP32; it is quantized like the others")
+    reduced = tuple(n.input[1] for n in convs
+                    if n.name not in keep and len(n.input) > 1 and n.input[1] in shapes and not _is_depthwise(n, shapes))
+    return CnnPlan(float_convs=tuple(name for name in float_convs if name), reduced_weights=reduced)
 
 
 @dataclass(frozen=True)
@@ -123,11 +188,15 @@ class QuantResult:
     config: QuantConfig
     meta: ModelMeta
     calibration_images: tuple[Path, ...] = field(default=())
+    #: nodes left in FP32 on purpose (``static-cnn``: :func:`cnn_plan`)
+    float_nodes: tuple[str, ...] = field(default=())
 
     def describe(self) -> dict:
         d = asdict(self.config)
         d["cache"] = str(self.config.cache) if self.config.cache else None
         d["calibration_images"] = len(self.calibration_images)
+        if self.float_nodes:
+            d["float_nodes"] = list(self.float_nodes)
         return d
 
 
@@ -176,8 +245,11 @@ def quantize_model(model_path: str | Path, out_path: str | Path, config: QuantCo
         raise InputError("static quantization needs calibration images (--images DIR) or an existing --cache")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     used: tuple[Path, ...] = ()
+    float_convs: tuple[str, ...] = ()
     with tempfile.TemporaryDirectory(prefix="musc-edge-quant-") as tmp:
         prepared = _prepare(model_path, Path(tmp) / "prepared.onnx")
+        if config.mode == "static-cnn":  # cnn_plan excludes convolutions by node name
+            prepared = _name_nodes(prepared, Path(tmp) / "named.onnx")
         if config.mode == "dynamic":
             _quantize_dynamic(prepared, out_path)
         else:
@@ -185,9 +257,9 @@ def quantize_model(model_path: str | Path, out_path: str | Path, config: QuantCo
             # batch must have the same shape: feed those one image at a time
             per_call = config.batch if config.method == "minmax" else 1
             reader = ImageFolderReader(calibration_images, meta, batch_size=per_call)
-            _quantize_static(prepared, out_path, reader, config)
+            float_convs = _quantize_static(prepared, out_path, reader, config)
             used = tuple(reader.used)
-    result = QuantResult(path=out_path, config=config, meta=meta, calibration_images=used)
+    result = QuantResult(path=out_path, config=config, meta=meta, calibration_images=used, float_nodes=float_convs)
     copy_metadata(model_path, out_path, result.describe())
     return result
 
@@ -209,6 +281,23 @@ def _prepare(src: Path, dst: Path) -> Path:
     return dst
 
 
+def _name_nodes(src: Path, dst: Path) -> Path:
+    """Give every unnamed node a unique name (ONNX Runtime excludes nodes by name)."""
+    model = onnx.load(str(src))
+    taken = {n.name for n in model.graph.node if n.name}
+    if len(taken) == len(model.graph.node):
+        return src
+    for i, n in enumerate(model.graph.node):
+        if not n.name:
+            name = f"{n.op_type}_{i}"
+            while name in taken:
+                name += "_"
+            n.name = name
+            taken.add(name)
+    onnx.save(model, str(dst))
+    return dst
+
+
 def _quantize_dynamic(src: Path, dst: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -216,9 +305,11 @@ def _quantize_dynamic(src: Path, dst: Path) -> None:
                      per_channel=False)
 
 
-def _quantize_static(src: Path, dst: Path, reader: ImageFolderReader, config: QuantConfig) -> None:
+def _quantize_static(src: Path, dst: Path, reader: ImageFolderReader, config: QuantConfig) -> tuple[str, ...]:
+    """Run ``quantize_static`` as ``config.mode`` says; return the convolutions kept in FP32."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    float_convs: tuple[str, ...] = ()
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[config.method or "minmax"]
     kwargs: dict = dict(quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZED_OPS),
@@ -227,6 +318,13 @@ def _quantize_static(src: Path, dst: Path, reader: ImageFolderReader, config: Qu
         kwargs.update(activation_type=QuantType.QUInt8, per_channel=False)
     elif config.mode == "static-pc":
         kwargs.update(activation_type=QuantType.QInt8, per_channel=True)
+    elif config.mode == "static-cnn":  # see cnn_plan
+        plan = cnn_plan(onnx.load(str(src), load_external_data=False))
+        kwargs.update(activation_type=QuantType.QUInt8, per_channel=True,
+                      op_types_to_quantize=list(QUANTIZED_OPS + CLIPPING_OPS), nodes_to_exclude=list(plan.float_convs),
+                      extra_options={"TensorQuantOverrides": {w: [{"axis": 0, "reduce_range": True}]
+                                                              for w in plan.reduced_weights}})
+        float_convs = plan.float_convs
     else:  # trt: symmetric int8 everywhere (TensorRT supports zero point 0 only)
         kwargs.update(activation_type=QuantType.QInt8, per_channel=True,
                       extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
@@ -243,6 +341,7 @@ def _quantize_static(src: Path, dst: Path, reader: ImageFolderReader, config: Qu
         if "cache" in text.lower():  # a cache made with another method: ORT refuses it
             raise InputError(f"calibration cache {config.cache}: {text}") from None
         raise
+    return float_convs
 
 
 def copy_metadata(src: Path, dst: Path, quantization: dict) -> None:

@@ -38,7 +38,10 @@ def test_efficientnet_report_has_fp32_and_int8_musc_metrics(tmp_path, capsys):
                "--holdout", "8", "--threads", "2"])
     assert rc == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "effnet.int8.report.json").read_text())
-    assert report["quantization"]["mode"] == "static-pc"
+    q = report["quantization"]
+    assert q["mode"] == "static-cnn"  # the measured CNN default: stem and first depthwise conv kept FP32
+    assert q["float_nodes"] == ["/_conv_stem/Conv", "/_blocks.0/_depthwise_conv/Conv"]
+    assert min(v["min"] for k, v in report["cosine"].items() if k.startswith("tokens")) >= 0.95, report["cosine"]
     musc = report["musc"]
     assert musc["images"] == 32
     for side in ("fp32", "int8"):

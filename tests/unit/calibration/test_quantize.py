@@ -9,8 +9,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from musc_edge.calibration.quantize import (QUANT_PROP, QUANTIZED_OPS, default_mode, make_config, quantization_info,
-                                            quantize_model)
+from musc_edge.calibration.quantize import (QUANT_PROP, QUANTIZED_OPS, cnn_plan, default_mode, make_config,
+                                            quantization_info, quantize_model)
 from musc_edge.calibration.reader import split_images
 from musc_edge.calibration.report import compare_outputs
 from musc_edge.errors import InputError, ModelError
@@ -24,7 +24,7 @@ def split(sample_dir):
     return split_images(sample_dir, 8, holdout=8)
 
 
-@pytest.mark.parametrize("mode", ["static", "static-pc", "dynamic", "trt"])
+@pytest.mark.parametrize("mode", ["static", "static-pc", "static-cnn", "dynamic", "trt"])
 def test_every_mode_runs_on_cpu_keeps_metadata_and_stays_close(tmp_path, tiny_model, split, mode):
     out = tmp_path / f"tiny.{mode}.onnx"
     result = quantize_model(tiny_model, out, make_config(mode, num=8), split.calibration)
@@ -75,7 +75,7 @@ def test_static_mode_uses_uint8_activations_and_per_tensor_weights(tmp_path, tin
 @pytest.mark.parametrize("kwargs, message", [
     (dict(mode="dynamic", method="entropy"), "--method entropy has no effect with --mode dynamic"),
     (dict(mode="dynamic", cache="x.json"), "--cache has no effect with --mode dynamic"),
-    (dict(mode="fp8"), "unknown quantization mode 'fp8'; choose one of static, static-pc, dynamic, trt"),
+    (dict(mode="fp8"), "unknown quantization mode 'fp8'; choose one of static, static-pc, static-cnn, dynamic, trt"),
     (dict(mode="static", method="kl"), "unknown calibration method 'kl'"),
     (dict(mode="static", num=0), "at least 1"),
 ])
@@ -90,7 +90,7 @@ def test_defaults():
     vit = ModelMeta(backbone="vit_b16", weights="random", image_size=224, patch_size=16, grid=14, layers=(3, 6, 9, 12),
                     token_dims=(768,) * 4, embed_dim=512, mean=(0.5,) * 3, std=(0.5,) * 3)
     assert default_mode(vit) == "dynamic"
-    assert default_mode(tiny_meta()) == "static-pc"
+    assert default_mode(tiny_meta()) == "static-cnn"
 
 
 def test_model_without_metadata_is_refused(tmp_path, split):
@@ -149,7 +149,7 @@ def test_histogram_methods_with_a_partial_last_batch(tmp_path, tiny_model, split
     assert quantization_info(out)["method"] == method
 
 
-@pytest.mark.parametrize("mode", ["static", "static-pc"])
+@pytest.mark.parametrize("mode", ["static", "static-pc", "static-cnn"])
 def test_cosine_on_the_shared_mtd_images(tmp_path, tiny_model, mtd_dir, mode):
     # issue 5: the calibrated model runs in ONNX Runtime on the CPU within cosine 0.98 of FP32 on MTD
     mtd_split = split_images(mtd_dir, 8, holdout=12, seed=3)
@@ -158,3 +158,102 @@ def test_cosine_on_the_shared_mtd_images(tmp_path, tiny_model, mtd_dir, mode):
     with load_model(tiny_model, "cpu") as fp32, load_model(out, "cpu") as int8:
         cos = compare_outputs(fp32, int8, list(mtd_split.heldout))
     assert min(v["min"] for v in cos.values()) >= 0.98, cos
+
+
+# ------------------------------------------------------------------------------------ static-cnn
+def relu6_cnn(path, props, seed=0):
+    """A MobileNet-shaped graph: stem, ReLU6, depthwise, project, expand (wide pre-activation
+    range), ReLU6, depthwise, ReLU6, project; with the tiny model's metadata (64 px input)."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(seed)
+    name = props["musc_edge.input_name"]
+    shapes = {"w_stem": (8, 3, 3, 3), "w_dw0": (8, 1, 3, 3), "w_pw0": (16, 8, 1, 1), "w_ex": (32, 16, 1, 1),
+              "w_dw1": (32, 1, 3, 3), "w_pw1": (16, 32, 1, 1)}
+    inits = [numpy_helper.from_array((rng.standard_normal(s) * (4.0 if k == "w_ex" else 0.5)).astype(np.float32), k)
+             for k, s in shapes.items()]
+    inits += [numpy_helper.from_array(np.array(v, np.float32), k) for k, v in (("lo", 0.0), ("hi", 6.0))]
+    conv = helper.make_node
+    nodes = [
+        conv("Conv", [name, "w_stem"], ["c_stem"], name="stem", pads=[1, 1, 1, 1], strides=[2, 2]),
+        conv("Clip", ["c_stem", "lo", "hi"], ["a0"], name="clip0"),
+        conv("Conv", ["a0", "w_dw0"], ["c_dw0"], name="dw0", group=8, pads=[1, 1, 1, 1]),
+        conv("Clip", ["c_dw0", "lo", "hi"], ["a1"], name="clip1"),
+        conv("Conv", ["a1", "w_pw0"], ["c_pw0"], name="pw0"),
+        conv("Conv", ["c_pw0", "w_ex"], ["c_ex"], name="ex"),
+        conv("Clip", ["c_ex", "lo", "hi"], ["a2"], name="clip2"),
+        conv("Conv", ["a2", "w_dw1"], ["c_dw1"], name="dw1", group=32, pads=[1, 1, 1, 1]),
+        conv("Clip", ["c_dw1", "lo", "hi"], ["a3"], name="clip3"),
+        conv("Conv", ["a3", "w_pw1"], ["out"], name="pw1"),
+    ]
+    graph = helper.make_graph(nodes, "relu6_cnn", [helper.make_tensor_value_info(name, TensorProto.FLOAT,
+                                                                                  ["b", 3, 64, 64])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    for k, v in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = k, v
+    onnx.save(model, str(path))
+    return path
+
+
+def test_cnn_plan_keeps_the_stem_and_first_depthwise_and_reduces_dense_weights(tmp_path, tiny_model):
+    props = {p.key: p.value for p in onnx.load(str(tiny_model)).metadata_props}
+    plan = cnn_plan(onnx.load(str(relu6_cnn(tmp_path / "cnn.onnx", props))))
+    assert plan.float_convs == ("stem", "dw0")  # everything before the second dense conv (pw0)
+    assert plan.reduced_weights == ("w_pw0", "w_ex", "w_pw1")  # dense, quantized: not dw1, not the FP32 ones
+    # a graph without depthwise convs (ResNet-like, here the tiny model's two convs) keeps only its stem
+    dense = onnx.load(str(tiny_model))
+    for i, n in enumerate(dense.graph.node):
+        n.name = f"n{i}"
+    convs = [n.name for n in dense.graph.node if n.op_type == "Conv"]
+    assert len(convs) == 2 and cnn_plan(dense).float_convs == (convs[0],)
+    assert cnn_plan(dense).reduced_weights == (next(n for n in dense.graph.node if n.name == convs[1]).input[1],)
+
+
+def _dequantized_weight(model, weight):
+    """The int weights and scales of ``weight`` (None when it was left in float)."""
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "DequantizeLinear" and n.input[0].startswith(weight + "_") and n.input[0] in inits:
+            return inits[n.input[0]]
+    return None
+
+
+def _output_scale(model, tensor):
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    scales = [inits[n.input[1]] for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == tensor]
+    return float(scales[0]) if scales else None
+
+
+def test_static_cnn_mode_applies_the_plan(tmp_path, tiny_model, split):
+    props = {p.key: p.value for p in onnx.load(str(tiny_model)).metadata_props}
+    fp32 = relu6_cnn(tmp_path / "cnn.onnx", props)
+    cnn = tmp_path / "cnn.static-cnn.onnx"
+    plain = tmp_path / "cnn.static.onnx"
+    result = quantize_model(fp32, cnn, make_config("static-cnn", num=8), split.calibration)
+    quantize_model(fp32, plain, make_config("static", num=8), split.calibration)
+    q, p = onnx.load(str(cnn)), onnx.load(str(plain))
+    # the stem and the first depthwise conv stay FP32, and the metadata says so
+    assert _dequantized_weight(q, "w_stem") is None and _dequantized_weight(q, "w_dw0") is None
+    assert _dequantized_weight(p, "w_stem") is not None
+    assert quantization_info(cnn)["float_nodes"] == ["stem", "dw0"] == list(result.float_nodes)
+    # 7-bit weights on dense convs (no int16 saturation in u8 x s8 GEMMs), full 8 bits on the depthwise one
+    for w in ("w_pw0", "w_ex", "w_pw1"):
+        assert np.abs(_dequantized_weight(q, w).astype(int)).max() <= 64, w
+    assert np.abs(_dequantized_weight(q, "w_dw1").astype(int)).max() == 127
+    # per-channel weights: one scale per output channel
+    scales = {n.input[0]: numpy_helper.to_array(i) for n in q.graph.node if n.op_type == "DequantizeLinear"
+              for i in q.graph.initializer if i.name == n.input[1]}
+    assert any(v.size == 32 for k, v in scales.items() if k.startswith("w_ex"))
+    # ReLU6 range: the expand conv's output is quantized over [0, 6] (ONNX Runtime folds the Clip
+    # into it), not over its wide raw range as in plain static mode
+    assert "clip2" not in {n.name for n in q.graph.node}
+    assert _output_scale(q, "a2") == pytest.approx(6 / 255, rel=1e-4)
+    assert _output_scale(p, "c_ex") > 2 * 6 / 255
+    # and it runs on the CPU
+    import onnxruntime as ort
+
+    x = np.random.default_rng(1).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    out = ort.InferenceSession(str(cnn), providers=["CPUExecutionProvider"]).run(None, {props["musc_edge.input_name"]: x})
+    assert out[0].shape == (2, 16, 32, 32) and np.isfinite(out[0]).all()
