@@ -35,8 +35,8 @@ import numpy as np
 
 from . import __version__
 from .errors import ImageDecodeError, InputError
-from .io import (Dataset, Sample, discover, grouped_by_type, heatmap_overlay, list_images, order_samples,
-                 output_names, read_mask, write_csv, write_json, write_png)
+from .io import (Dataset, Sample, discover, grouped_by_type, heatmap_overlay, order_samples, output_names, read_mask,
+                 reference_images, write_csv, write_json, write_png)
 from .meta import ModelMeta
 from .types import Scores
 from .window import CentredStream
@@ -201,7 +201,7 @@ def score_folder(data_dir: str | Path, model_path: str | Path, out_dir: str | Pa
     exclude = [out_dir] + ([settings.reference] if settings.reference is not None else [])
     dataset = discover(data_dir, settings.gt, exclude=exclude)
     dataset = replace(dataset, samples=order_samples(dataset.samples, settings.order))
-    references = _reference_paths(settings.reference) if settings.reference is not None else []
+    references = reference_images(settings.reference) if settings.reference is not None else []
     timings["discover_s"] = time.perf_counter() - t
     warnings = list(dataset.warnings)
     if settings.window is not None and not references and grouped_by_type(dataset.samples):
@@ -287,15 +287,6 @@ def make_pool_scorer(settings: ScoreSettings, meta: ModelMeta, n_images: int,
     if settings.window is None:
         return BatchPool(meta, n_images, settings, score_step)
     return StreamPool(meta, settings)
-
-
-def _reference_paths(folder: Path) -> list[Path]:
-    if not Path(folder).is_dir():
-        raise InputError(f"--reference folder not found: {folder}")
-    paths = list_images(folder)
-    if not paths:
-        raise InputError(f"--reference {folder} holds no images (jpg, png, bmp, tif)")
-    return paths
 
 
 def _add_references(pool: PoolScorer, paths: list[Path], extractor: Any, settings: ScoreSettings) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 
 from .arrivals import Arrival, ArrivalTracker, PollSource, Source, WatchdogSource
 from .errors import ImageDecodeError, InputError, StateError
-from .io import list_images
+from .io import reference_images
 from .journal import StateDir
 from .meta import ModelMeta
 from .types import Features
@@ -98,7 +98,7 @@ class WatchDaemon:
         folder = Path(config.folder)
         if not folder.is_dir():
             raise InputError(f"watch folder not found: {folder}; create it or fix the path")
-        self.references = self._reference_paths()
+        self.references = reference_images(self.config.reference) if self.config.reference is not None else []
         check_stream_settings(config.window, config.delay, config.min_pool, len(self.references))
         self.settings = self._settings([str(p.resolve()) for p in self.references])
 
@@ -113,17 +113,6 @@ class WatchDaemon:
         return RollingScorer(m.grid, m.token_dims, m.embed_dim, capacity=c.window, delay=c.delay,
                              min_pool=c.min_pool, n_references=n_references, r_list=c.r_list,
                              interval=c.interval, k_list=c.k_list)
-
-    def _reference_paths(self) -> list[Path]:
-        ref = self.config.reference
-        if ref is None:
-            return []
-        if not Path(ref).is_dir():
-            raise InputError(f"--reference folder not found: {ref}")
-        paths = list_images(ref)
-        if not paths:
-            raise InputError(f"--reference {ref} holds no images (jpg, png, bmp, tif)")
-        return paths
 
     def _open(self, state: StateDir) -> None:
         """Load saved state (checking it fits this model and these settings) or start afresh."""

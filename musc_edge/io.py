@@ -47,6 +47,16 @@ def list_images(folder: str | Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and is_image_name(p))
 
 
+def reference_images(folder: str | Path) -> list[Path]:
+    """The known-good images of a ``--reference`` folder; InputError when there are none."""
+    if not Path(folder).is_dir():
+        raise InputError(f"--reference folder not found: {folder}")
+    paths = list_images(folder)
+    if not paths:
+        raise InputError(f"--reference {folder} holds no images (jpg, png, bmp, tif)")
+    return paths
+
+
 # ------------------------------------------------------------------------------------------ data set
 @dataclass(frozen=True)
 class Sample:

@@ -116,7 +116,6 @@ def test_window_memory_does_not_grow_with_the_folder(tmp_path) -> None:
 
     from musc_edge.batch import BatchPool, ScoreSettings, StreamPool, _extract, score_folder
     from musc_edge.io import discover
-    from musc_edge.runtime.model import load_model
 
     model_path, m = tiny_model(tmp_path / "model", image_size=64, patch_size=8, token_dims=(512, 512))
     tokens_per_image = (1 + m.meta.grid ** 2) * sum(m.meta.token_dims) * 2

@@ -34,7 +34,7 @@ def test_runtime_runs_without_torch(tmp_path):
     import cv2
     import numpy as np
 
-    model = make_tiny_model(tmp_path / "tiny.onnx")
+    make_tiny_model(tmp_path / "tiny.onnx")
     for i in range(3):
         cv2.imwrite(str(tmp_path / f"{i}.png"), np.full((40, 30, 3), 40 * i, np.uint8))
     (tmp_path / "bad.png").write_text("nope")
