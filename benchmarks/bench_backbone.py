@@ -138,10 +138,9 @@ def ort_fused_attention(ctx: BenchContext) -> Runner:
     com.microsoft Attention op (and SkipLayerNormalization); run with the runtime's session."""
     from unittest import mock
 
-    from onnxruntime.transformers import optimizer
-
     from musc_edge.export.clip import ExportBlock
     from musc_edge.export.onnx import export_onnx
+    from onnxruntime.transformers import optimizer
 
     if ctx.built.spec.family != "clip":
         raise SystemExit("mode ort-attention needs a CLIP ViT backbone")

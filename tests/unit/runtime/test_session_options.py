@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
-
 from musc_edge.runtime.backends.onnxruntime import open_session, session_options
 from musc_edge.runtime.testing import make_tiny_model, tiny_meta
 
