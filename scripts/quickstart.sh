@@ -17,5 +17,4 @@ mkdir -p "$OUT"
 musc-edge export --backbone efficientnet_lite0 --out "$OUT/efficientnet_lite0.onnx"
 musc-edge score examples/mtd_sample/magnetic_tile --model "$OUT/efficientnet_lite0.onnx" \
     --out "$OUT/scores" --heatmaps
-echo
-echo "Results in $OUT/scores: scores.csv, metrics.json, run.json, maps/ (heatmaps)"
+# `score` ends by printing where its results are (scores.csv, maps/, metrics.json, run.json).
