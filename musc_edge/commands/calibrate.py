@@ -61,7 +61,7 @@ def calibrate(model_path: Path, images: Path, out_path: Path, mode: str | None, 
 
 def format_report(report: dict) -> str:
     """A few lines a person reads: cosine, size, speed, AUROC drop."""
-    lines = [f"  cosine (min over held-out images): " + ", ".join(
+    lines = ["  cosine (min over held-out images): " + ", ".join(
         f"{k} {v['min']:.4f}" for k, v in report["cosine"].items())]
     s = report["speed"]
     lines.append(f"  size {report['int8_model']['bytes'] / 2**20:.1f} MiB ({report['size_ratio']:.2f}x FP32); "
