@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from musc_edge.errors import MuscEdgeError
 from musc_edge.options import batch_option, model_option
 
 
@@ -45,7 +46,11 @@ def calibrate(model_path: Path, images: Path, out_path: Path, mode: str | None, 
 
     Example: musc-edge calibrate --model vit_b16.onnx --images line/ --out vit_b16.int8.onnx
     """
-    from musc_edge.calibration.calibrate import calibrate_folder
+    try:
+        from musc_edge.calibration.calibrate import calibrate_folder
+    except ImportError as e:  # the lean install has onnxruntime but not onnx
+        raise MuscEdgeError(f"`musc-edge calibrate` needs the module {e.name or str(e)!r}, which is not "
+                            "installed: pip install 'musc-edge[calib]'") from None
 
     run = calibrate_folder(model_path, images, out_path, mode=mode, method=method, num=num, holdout=holdout,
                            batch=batch, cache=cache, report=not no_report, musc=not no_musc,
