@@ -341,6 +341,9 @@ def _quantize_static(src: Path, dst: Path, reader: ImageFolderReader, config: Qu
         text = str(e).splitlines()[0] if str(e) else "invalid arguments"
         if "cache" in text.lower():  # a cache made with another method: ORT refuses it
             raise InputError(f"calibration cache {config.cache}: {text}") from None
+        if isinstance(e, (json.JSONDecodeError, UnicodeDecodeError)):  # ORT json.load()s an existing cache
+            raise InputError(f"calibration cache {config.cache} is not a readable JSON cache ({text}); "
+                             "delete it to recalibrate, or pass another --cache") from None
         raise
     return float_convs
 

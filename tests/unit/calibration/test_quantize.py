@@ -134,6 +134,15 @@ def test_calibration_cache_is_reused_and_refused_for_another_method(tmp_path, ti
         quantize_model(tiny_model, tmp_path / "c.onnx", make_config("static", "entropy", cache=cache), ())
 
 
+@pytest.mark.parametrize("content", [b"{bad", b"\xff\xfe\x00"])
+def test_unreadable_calibration_cache_is_a_one_line_input_error(tmp_path, tiny_model, split, content):
+    cache = tmp_path / "ranges.json"
+    cache.write_bytes(content)
+    with pytest.raises(InputError, match="not a readable JSON cache"):
+        quantize_model(tiny_model, tmp_path / "e.onnx", make_config("static", "minmax", cache=cache),
+                       split.calibration)
+
+
 def test_quantization_prop_does_not_disturb_metadata(tmp_path, tiny_model):
     out = tmp_path / "d.onnx"
     quantize_model(tiny_model, out, make_config("dynamic"), ())
