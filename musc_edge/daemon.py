@@ -212,7 +212,7 @@ class WatchDaemon:
             return None
         amap = upsample_map(e.patch_map[None], image.shape[:2])[0]
         write_png(path, heatmap_overlay(image, amap, *e.map_range))
-        return str(path)
+        return str(path.absolute())  # like "path": usable from any working directory
 
     def _process(self, state: StateDir, tracker: ArrivalTracker, arrivals: list[Arrival]) -> None:
         """Decode, extract features in one batch, then add the images one by one."""

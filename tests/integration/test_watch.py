@@ -55,6 +55,17 @@ def test_existing_and_new_images_are_each_reported_once(tmp_path, model) -> None
     assert max(lines[5:], key=lambda line: line["raw_score"])["path"].endswith("new_2.png")
 
 
+def test_heatmap_paths_are_absolute_with_a_relative_out(tmp_path, model, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = config(tmp_path, out_dir=Path("out"), heatmaps=True)
+    for i in range(3):
+        write_png(cfg.folder / f"p_{i}.png", part_image(i))
+    with ThreadedDaemon(cfg, model):
+        wait_for(lambda: len(results(cfg.out_dir)) == 3, what="the 3 images")
+    for line in results(cfg.out_dir):
+        assert Path(line["heatmap"]).is_absolute() and Path(line["heatmap"]).is_file()
+
+
 def test_name_rules_subfolders_and_write_then_rename(tmp_path, model) -> None:
     cfg = config(tmp_path, poll=True, poll_interval_s=0.05, min_pool=2)
     (cfg.folder / "sub").mkdir()
