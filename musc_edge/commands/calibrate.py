@@ -42,7 +42,7 @@ def calibrate(model_path: Path, images: Path, out_path: Path, mode: str | None, 
     Quantizes the FP32 ONNX model with ONNX Runtime on the CPU, keeping its musc-edge metadata,
     then compares FP32 and INT8 on held-out images: per-output cosine similarity, file size,
     speed, and (when the folder has labels/masks) image and pixel AUROC through the full MuSc
-    pipeline. The report is written next to the model as FILE.int8.report.json.
+    pipeline. The report is written next to the INT8 model: --out x.int8.onnx -> x.int8.report.json.
 
     Example: musc-edge calibrate --model vit_b16.onnx --images line/ --out vit_b16.int8.onnx
     """
