@@ -194,6 +194,11 @@ def score_folder(data_dir: str | Path, model_path: str | Path, out_dir: str | Pa
     if settings.reference is not None and settings.window is None:
         raise InputError("--reference needs --window: without a window every image is already scored "
                          "against all the others")
+    for flag, folder in (("--out", out_dir), ("--reference", settings.reference)):
+        # discover() leaves out images inside --out and --reference: here that would be all of them
+        if folder is not None and Path(folder).resolve() == Path(data_dir).resolve():
+            raise InputError(f"{flag} {folder} is the folder being scored; pick another folder "
+                             "(a sub-folder is fine for --out)")
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     out_dir = Path(out_dir)

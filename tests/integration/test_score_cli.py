@@ -195,6 +195,20 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, model):
         assert rc == 2 and "available devices" in one_error_line(err)
 
 
+@pytest.mark.parametrize("flag", ["--out", "--reference"])
+def test_out_or_reference_being_the_scored_folder_is_named(tmp_path, model, capsys, flag):
+    rng = np.random.default_rng(3)
+    data = tmp_path / "flat"
+    data.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(data / f"p{i}.png"), tile(rng, 40, 40))
+    out = data if flag == "--out" else tmp_path / "out"
+    extra = ["--window", "2", "--reference", str(data)] if flag == "--reference" else []
+    assert main(["score", str(data), "--model", str(model), "--out", str(out), "--quiet", *extra]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag} {data} is the folder being scored" in err and len(err.strip().splitlines()) == 1
+
+
 def test_random_weights_model_warns(tmp_path):
     data = make_category(tmp_path / "cat", n_good=3, defects=("blob",), n_each=1)
     model = make_tiny_model(tmp_path / "random.onnx", meta=tiny_meta(weights="random"))
