@@ -99,6 +99,7 @@ class WatchDaemon:
         if not folder.is_dir():
             raise InputError(f"watch folder not found: {folder}; create it or fix the path")
         self.references = reference_images(self.config.reference) if self.config.reference is not None else []
+        _check_reference_outside(config.folder, config.reference, config.recursive)
         check_stream_settings(config.window, config.delay, config.min_pool, len(self.references))
         self.settings = self._settings([str(p.resolve()) for p in self.references])
 
@@ -303,3 +304,13 @@ class WatchDaemon:
 
         old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         return lambda: [signal.signal(s, h) for s, h in old.items()]
+
+
+def _check_reference_outside(folder: Path, reference: Path | None, recursive: bool) -> None:
+    """Reference images inside the watched folder would also be scored, each matching its own copy."""
+    if reference is None:
+        return
+    watched, ref = Path(folder).resolve(), Path(reference).resolve()
+    if ref == watched or (recursive and watched in ref.parents):
+        raise InputError(f"--reference {reference} is inside the watched folder {folder}: its images would be "
+                         "scored against themselves; keep the known-good images in a folder of their own")

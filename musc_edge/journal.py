@@ -133,6 +133,8 @@ class StateDir:
             state = json.loads(self.state_path.read_text())
         except json.JSONDecodeError as e:
             raise StateError(f"{self.state_path} is corrupt ({e}); move {self.dir} away to start afresh") from None
+        if not isinstance(state, dict):
+            raise StateError(f"{self.state_path} is not a state object; move {self.dir} away to start afresh")
         if state.get("version") != STATE_VERSION:
             raise StateError(f"{self.state_path} has state version {state.get('version')}, this musc-edge "
                              f"reads {STATE_VERSION}; finish with the old version or use a new --out")

@@ -237,3 +237,15 @@ def test_cli_messages_for_bad_settings(tmp_path, model, capsys) -> None:
     assert main(["watch", str(tmp_path / "missing"), "--model", str(model.path),
                  "--out", str(tmp_path / "out")]) == 2
     assert "watch folder not found" in capsys.readouterr().err
+
+
+def test_reference_folder_inside_the_watched_folder_is_refused(tmp_path, model, capsys) -> None:
+    watched = tmp_path / "in"
+    (watched / "refs").mkdir(parents=True)
+    cv2.imwrite(str(watched / "refs" / "good.png"), part_image(0))
+    base = ["watch", str(watched), "--model", str(model.path), "--out", str(tmp_path / "out")]
+    assert main(base + ["--reference", str(watched / "refs"), "--recursive"]) == 2
+    assert "inside the watched folder" in capsys.readouterr().err
+    cv2.imwrite(str(watched / "good.png"), part_image(1))
+    assert main(base + ["--reference", str(watched)]) == 2
+    assert "inside the watched folder" in capsys.readouterr().err

@@ -111,3 +111,13 @@ def test_state_file_is_replaced_atomically_and_versioned(tmp_path) -> None:
             state.load_state()
     finally:
         state.close()
+
+
+def test_state_file_that_is_not_an_object_is_a_state_error(tmp_path) -> None:
+    state = StateDir(tmp_path)
+    try:
+        state.state_path.write_text("[]")
+        with pytest.raises(StateError, match="not a state object"):
+            state.load_state()
+    finally:
+        state.close()
