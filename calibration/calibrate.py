@@ -49,7 +49,10 @@ def calibrate_folder(model: str | Path, images: str | Path, out: str | Path, *, 
     log.info("calibrating %s (%s, %s) on %d images, %d held out", model.name, config.mode, config.method,
              len(split.calibration), len(split.heldout))
     result = quantize_model(model, out, config, split.calibration)
-    if not report:
+    if not report:  # the report would load the model and warn; without it, warn here
+        from musc_edge.runtime.model import warn_if_random
+
+        warn_if_random(meta, model)
         return CalibrationRun(result, None, None)
     data = build_report(model, out, split, result.describe(), batch_size=batch, threads=threads, musc=musc)
     return CalibrationRun(result, write_report(data, out), data)

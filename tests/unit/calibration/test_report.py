@@ -116,3 +116,17 @@ def test_cli_bad_inputs_exit_2_with_one_line(tmp_path, tiny_model, sample_dir, c
     assert rc == 2
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o.int8.onnx").exists()
+
+
+def test_random_weights_warn_even_without_a_report(tmp_path, sample_dir, caplog):
+    from musc_edge.runtime.testing import tiny_meta
+
+    model = make_tiny_model(tmp_path / "random.onnx",
+                            meta=tiny_meta(image_size=64, patch_size=8, token_dims=(16, 24), embed_dim=12,
+                                           weights="random"))
+    folder = copy_images(sample_dir / "test" / "good", tmp_path / "imgs", 10)
+    with caplog.at_level("WARNING"):
+        run = calibrate_folder(model, folder, tmp_path / "r.int8.onnx", mode="dynamic", num=6, holdout=2,
+                               report=False)
+    assert run.report is None and run.report_path is None
+    assert "random weights" in caplog.text
