@@ -121,7 +121,8 @@ def open_session(path: str | Path, providers: Sequence[tuple[str, dict[str, Any]
                                     provider_options=[o for _, o in providers])
     except Exception as e:  # ORT raises its own Fail/InvalidProtobuf/... classes
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"{path} is not a loadable ONNX model ({reason[:200]})") from None
+        raise ModelError(f"ONNX Runtime could not load {path} on {', '.join(p for p, _ in providers)} "
+                         f"({reason[:200]}); is it an ONNX model from `musc-edge export`?") from None
 
 
 class OnnxRuntimeBackend(Backend):

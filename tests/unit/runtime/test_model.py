@@ -71,7 +71,7 @@ def test_model_without_metadata_is_refused(tmp_path):
 
 def test_non_models_are_refused(tmp_path):
     (tmp_path / "notes.onnx").write_text("hello")
-    with pytest.raises(ModelError, match="not a loadable ONNX model"):
+    with pytest.raises(ModelError, match="ONNX Runtime could not load"):
         load_model(tmp_path / "notes.onnx")
     with pytest.raises(ModelError, match="not found"):
         load_model(tmp_path / "missing.onnx")
