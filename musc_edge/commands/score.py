@@ -76,7 +76,7 @@ def format_summary(run: dict, metrics: dict | None, out_dir: Path, files: dict[s
     lines.append(f"  {'features':<10}{t.get('features_wall_s', 0):>9.2f}" + (f"   ({rate} images/s)" if rate else ""))
     for key, label in (("score_s", "score"), ("heatmaps_s", "heatmaps"), ("metrics_s", "metrics"),
                        ("total_s", "total")):
-        if key in t:
+        if key in t and (key != "metrics_s" or metrics):  # no metrics row without ground truth
             lines.append(f"  {label:<10}{t[key]:>9.2f}")
     if metrics:
         image, pixel = metrics.get("image") or {}, metrics.get("pixel") or {}
