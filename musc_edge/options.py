@@ -27,9 +27,13 @@ def _int_list(name: str):
     return convert
 
 
-model_option = click.option(
-    "--model", "model_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
-    help="Exported model: FILE.onnx (ONNX Runtime) or FILE.engine (TensorRT).")
+def model_flag(help: str = "Exported model: FILE.onnx (ONNX Runtime) or FILE.engine (TensorRT)."):
+    """``--model``: one definition; a command that takes only some model kinds says so in ``help``."""
+    return click.option("--model", "model_path", required=True,
+                        type=click.Path(dir_okay=False, path_type=Path), help=help)
+
+
+model_option = model_flag()
 device_option = click.option(
     "--device", default="auto", show_default=True,
     help="auto | cpu | cuda | tensorrt (ONNX Runtime providers; auto = TensorRT > CUDA > CPU).")

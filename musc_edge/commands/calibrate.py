@@ -7,11 +7,11 @@ from pathlib import Path
 import click
 
 from musc_edge.errors import MuscEdgeError
-from musc_edge.options import batch_option, model_option
+from musc_edge.options import batch_option, model_flag
 
 
 @click.command(name="calibrate")
-@model_option
+@model_flag("FP32 ONNX model from `musc-edge export` (FILE.onnx; engines are built from it, not calibrated).")
 @click.option("--images", "images", required=True, type=click.Path(path_type=Path),
               help="Folder of line images (flat, or an MVTec-style category with test/ and ground_truth/).")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
