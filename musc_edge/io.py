@@ -93,10 +93,6 @@ class Dataset:
     def has_labels(self) -> bool:
         return bool(self.samples) and all(s.label is not None for s in self.samples)
 
-    @property
-    def has_masks(self) -> bool:
-        return any(s.mask_path is not None for s in self.samples)
-
 
 def discover(root: str | Path, gt: str | Path = "auto", *, exclude: Sequence[str | Path] = ()) -> Dataset:
     """Find the images under ``root`` and, per ``gt``, their labels and masks.

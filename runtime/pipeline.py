@@ -137,26 +137,25 @@ def prefetch(iterator: Iterator, depth: int = 2) -> Iterator:
     q: queue.Queue = queue.Queue(maxsize=max(1, depth))
     stop = threading.Event()
 
-    def produce() -> None:
-        try:
-            for item in iterator:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            item = _DONE
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            item = e
+    def put(item) -> bool:
+        """Block until ``item`` is queued or the consumer stops; False when it stopped."""
         while not stop.is_set():
             try:
                 q.put(item, timeout=0.1)
-                return
+                return True
             except queue.Full:
                 continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in iterator:
+                if not put(item):
+                    return
+            last = _DONE
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            last = e
+        put(last)
 
     thread = threading.Thread(target=produce, name="musc-edge-prefetch", daemon=True)
     thread.start()

@@ -23,7 +23,7 @@ TINY_CFG = {
 @pytest.fixture(scope="session")
 def tiny_spec():
     spec = backbones.register(backbones.BackboneSpec(
-        name=TINY, family="clip", arch="tiny-test-vit", image_size=32, pretrain_size=32, patch_size=8,
+        name=TINY, family="clip", arch="tiny-test-vit", image_size=32, patch_size=8,
         num_blocks=4, layers=(1, 2, 3, 4), weights="openai", summary="test-only tiny ViT", arch_cfg=TINY_CFG))
     yield spec
     backbones.unregister(TINY)

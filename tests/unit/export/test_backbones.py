@@ -69,6 +69,6 @@ def test_image_size_must_fit_the_patch_grid():
 def test_register_rejects_an_unknown_family():
     with pytest.raises(ValueError, match="family"):
         backbones.register(backbones.BackboneSpec(
-            name="x", family="nope", arch="x", image_size=32, pretrain_size=32, patch_size=8, num_blocks=1,
+            name="x", family="nope", arch="x", image_size=32, patch_size=8, num_blocks=1,
             layers=(1,), weights="none"))
     assert "x" not in backbones.names()
