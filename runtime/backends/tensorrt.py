@@ -181,16 +181,25 @@ class TensorRTBackend(Backend):
         self.outputs = [n for n in names if n not in inputs]
         self.max_batch = int(self.engine.get_tensor_profile_shape(meta.input_name, 0)[2][0])
         self._dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
+        try:
+            self._allocate(names)
+        except BaseException:
+            self.close()  # free what was allocated before the failure
+            raise
+        self.description = f"tensorrt {trt.__version__}: {self.path.name} (batch 1..{self.max_batch})"
+
+    def _allocate(self, names: list[str]) -> None:
+        """One stream, and a device buffer per I/O tensor sized for the profile's largest batch."""
+        cudart, s = self._cudart, self.meta.image_size
         self._stream = cuda_call(cudart.cudaStreamCreate(), "cudaStreamCreate")
-        # shapes at the largest batch: set it once so the context reports every output's size
-        s = meta.image_size
-        self.context.set_input_shape(meta.input_name, (self.max_batch, 3, s, s))
+        # set the largest batch once so the context reports every output's largest size
+        if not self.context.set_input_shape(self.meta.input_name, (self.max_batch, 3, s, s)):
+            raise ModelError(f"{self.path.name} does not accept its own largest batch {self.max_batch}; rebuild it")
         for n in names:
             shape = tuple(self.context.get_tensor_shape(n))
             nbytes = int(np.prod(shape)) * self._dtypes[n].itemsize
             self._buffers[n] = int(cuda_call(cudart.cudaMalloc(nbytes), f"cudaMalloc({nbytes} bytes)"))
             self.context.set_tensor_address(n, self._buffers[n])
-        self.description = f"tensorrt {trt.__version__}: {self.path.name} (batch 1..{self.max_batch})"
 
     def run(self, batch: np.ndarray) -> Mapping[str, np.ndarray]:
         parts = [self._run_chunk(batch[i:i + self.max_batch]) for i in range(0, len(batch), self.max_batch)]
