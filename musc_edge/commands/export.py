@@ -46,7 +46,8 @@ def _list_callback(ctx: click.Context, param: click.Parameter, value: bool) -> N
                    "(only matters when the last tapped layer is not the last block).")
 @click.option("--opset", default=17, show_default=True, type=click.IntRange(17), help="ONNX opset (>= 17).")
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Output FILE.onnx [default: ./<backbone>_<S>.onnx].")
+              help="Output FILE.onnx [default: ./<backbone>_<S>.onnx]; with --from-onnx, the FILE.engine "
+                   "[default: beside the ONNX file].")
 @click.option("--format", "fmt", type=click.Choice(["onnx", "engine"]), default="onnx", show_default=True,
               help="engine: also build a TensorRT engine next to the ONNX file (needs musc-edge[trt] and a GPU).")
 @click.option("--precision", type=click.Choice(["fp16", "int8"]), default=None,
@@ -55,18 +56,28 @@ def _list_callback(ctx: click.Context, param: click.Parameter, value: bool) -> N
               help="Folder of line images for INT8 calibration (--format engine --precision int8).")
 @click.option("--max-batch", "max_batch", type=click.IntRange(1, 1024), default=None,
               help="Largest batch of the TensorRT optimisation profile (--format engine) [default: 8].")
+@click.option("--from-onnx", "from_onnx", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Build the engine from this exported (or `calibrate --mode trt`) FILE.onnx instead of exporting "
+                   "again: how to build on the target GPU/Jetson, which needs no torch (--format engine).")
 @click.option("--list", "list_", is_flag=True, is_eager=True, expose_value=False, callback=_list_callback,
               help="List the registered backbones and exit.")
 def export(backbone: str, weights: str | None, image_size: int | None, layers: str | None, full_embedding: bool,
            opset: int, out: Path | None, fmt: str, precision: str | None, calib_dir: Path | None,
-           max_batch: int | None) -> None:
+           max_batch: int | None, from_onnx: Path | None) -> None:
     """Export a backbone to ONNX with musc-edge metadata, and check it against torch.
 
     The graph takes `image` (B, 3, S, S) float32, normalised, any batch B, and returns
     `tokens_0`..`tokens_{k-1}` (B, 1 + G*G, C), one per tapped layer, and `embedding` (B, D).
     After writing, torch and ONNX Runtime are compared on a batch of 2 and the export fails above
-    1e-3 max abs difference. `--format engine` then builds a TensorRT engine from the ONNX file.
+    1e-3 max abs difference. `--format engine` then builds a TensorRT engine from the ONNX file;
+    `--format engine --from-onnx FILE.onnx` builds one from a file exported earlier (engines are
+    tied to the GPU and TensorRT that build them, so build them on the target machine).
     """
+    if from_onnx is not None:
+        _engine_from_onnx(from_onnx, out, fmt, precision, calib_dir, max_batch,
+                          export_flags={"--weights": weights, "--image-size": image_size, "--layers": layers,
+                                        "--full-embedding": full_embedding or None})
+        return
     spec = backbones.get_spec(backbone)
     if fmt != "engine" and (precision or calib_dir or max_batch):
         raise InputError("--precision, --calib and --max-batch apply to TensorRT engines: add --format engine")
@@ -109,14 +120,42 @@ def _require_export_stack(family: str) -> None:
                             "pip install 'musc-edge[export]' on the export workstation")
 
 
-def _build_engine(onnx_path: Path, meta, precision: str, calib_dir: Path | None, max_batch: int) -> Path:
+def _engine_from_onnx(onnx_path: Path, out: Path | None, fmt: str, precision: str | None, calib_dir: Path | None,
+                      max_batch: int | None, export_flags: dict[str, object]) -> None:
+    """``--from-onnx``: an engine from an existing musc-edge ONNX file, without torch."""
+    from musc_edge.runtime.model import read_meta, warn_if_random
+
+    if fmt != "engine":
+        raise InputError("--from-onnx builds a TensorRT engine: add --format engine")
+    given = [flag for flag, value in export_flags.items() if value is not None]
+    source = click.get_current_context().get_parameter_source("backbone")
+    if source is click.core.ParameterSource.COMMANDLINE:
+        given.insert(0, "--backbone")
+    if given:
+        raise InputError(f"{', '.join(given)} shape a new export; with --from-onnx the ONNX file already fixes them")
+    if onnx_path.suffix.lower() != ".onnx" or not onnx_path.is_file():
+        raise InputError(f"--from-onnx {onnx_path}: not an existing .onnx file")
+    if out is not None and out.suffix.lower() == ".onnx":
+        raise InputError(f"--out {out}: with --from-onnx, --out names the engine (FILE.engine)")
+    meta = read_meta(onnx_path)  # one-line ModelError for a file without musc-edge metadata
+    warn_if_random(meta, onnx_path)
+    if precision is None:
+        from musc_edge.export.tensorrt import has_qdq
+
+        precision = "int8" if has_qdq(onnx_path) else "fp16"  # a calibrated Q/DQ model is INT8 by construction
+    engine = _build_engine(onnx_path, meta, precision, calib_dir, max_batch or 8, engine_path=out)
+    click.echo(f"wrote {engine} ({precision}, batch 1..{max_batch or 8})")
+
+
+def _build_engine(onnx_path: Path, meta, precision: str, calib_dir: Path | None, max_batch: int,
+                  engine_path: Path | None = None) -> Path:
     """Hand the ONNX file to the TensorRT builder (issue 5), imported only here."""
     hint = "TensorRT is not installed: pip install 'musc-edge[trt]' on an NVIDIA machine, or use --format onnx"
     try:
         from musc_edge.export.tensorrt import build_engine
     except ImportError:
         raise DeviceError(hint) from None
-    engine_path = onnx_path.with_suffix(".engine")
+    engine_path = engine_path or onnx_path.with_suffix(".engine")
     try:
         result = build_engine(onnx_path, engine_path, meta, precision=precision, calib_dir=calib_dir,
                               max_batch=max_batch)

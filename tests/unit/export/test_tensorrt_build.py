@@ -212,3 +212,53 @@ def test_failures_are_one_line_and_leave_no_engine_behind(tmp_path, tiny, simula
     assert "\n" not in str(info.value)
     assert engine.read_bytes() == b"an older, working engine"  # nothing half-written over it
     assert not runner.sidecar_file(engine).exists() and not cache.exists()
+
+
+# ------------------------------------------------------------------ CLI: export --format engine --from-onnx
+def run_cli(*args: str) -> int:
+    from musc_edge.cli import main
+
+    return main(["export", *args])
+
+
+def test_from_onnx_builds_on_the_target_without_torch(tmp_path, tiny, simulated, monkeypatch, capsys):
+    import sys
+
+    for mod in ("torch", "open_clip", "torchvision"):
+        monkeypatch.setitem(sys.modules, mod, None)  # any import of them now fails: the target has none
+    rec = simulated()
+    monkeypatch.setattr(build, "default_timing_cache", lambda: tmp_path / "t.cache")
+    assert run_cli("--format", "engine", "--from-onnx", str(tiny), "--max-batch", "4") == 0
+    engine = tiny.with_suffix(".engine")
+    assert runner.read_sidecar(engine)["precision"] == "fp16" and rec.profiles[0][3][0] == 4
+    assert f"wrote {engine} (fp16, batch 1..4)" in capsys.readouterr().out
+
+
+def test_from_onnx_takes_a_q_dq_model_as_int8_and_out_names_the_engine(tmp_path, tiny, simulated, monkeypatch):
+    qdq = tmp_path / "tiny.int8.onnx"
+    build.quantize_for_tensorrt(tiny, qdq, read_meta(tiny), SAMPLE, quantizer="ort", num=8)
+    simulated()
+    monkeypatch.setattr(build, "default_timing_cache", lambda: tmp_path / "t.cache")
+    out = tmp_path / "line3" / "tiny.int8.engine"
+    assert run_cli("--format", "engine", "--from-onnx", str(qdq), "--out", str(out)) == 0
+    assert runner.read_sidecar(out)["precision"] == "int8"  # no --precision needed for a Q/DQ model
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--from-onnx", "{tiny}"], "--from-onnx builds a TensorRT engine: add --format engine"),
+    (["--format", "engine", "--from-onnx", "{tiny}", "--backbone", "vit_b16"], "--backbone shape a new export"),
+    (["--format", "engine", "--from-onnx", "{tiny}", "--weights", "random", "--layers", "1,2"],
+     "--weights, --layers shape a new export"),
+    (["--format", "engine", "--from-onnx", "{tmp}/missing.onnx"], "not an existing .onnx file"),
+    (["--format", "engine", "--from-onnx", "{tiny}", "--out", "{tmp}/x.onnx"], "--out names the engine"),
+    (["--format", "engine", "--from-onnx", "{bare}"], "no musc-edge metadata"),
+    (["--format", "engine", "--from-onnx", "{tiny}", "--precision", "int8"], "no Q/DQ nodes: INT8 needs calibration"),
+])
+def test_from_onnx_bad_use_is_one_line(tmp_path, tiny, simulated, capsys, args, message):
+    rec = simulated()
+    bare = make_tiny_model(tmp_path / "bare.onnx", with_metadata=False)
+    args = [a.format(tiny=tiny, tmp=tmp_path, bare=bare) for a in args]
+    assert run_cli(*args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not rec.parsed and not list(tmp_path.rglob("*.engine"))
