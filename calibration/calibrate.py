@@ -54,5 +54,6 @@ def calibrate_folder(model: str | Path, images: str | Path, out: str | Path, *, 
 
         warn_if_random(meta, model)
         return CalibrationRun(result, None, None)
-    data = build_report(model, out, split, result.describe(), batch_size=batch, threads=threads, musc=musc)
+    data = build_report(model, out, split, result.describe(), batch_size=batch, threads=threads, musc=musc,
+                        simulate_int8=result.config.mode == "trt")  # TensorRT's arithmetic, not ORT's kernels
     return CalibrationRun(result, write_report(data, out), data)

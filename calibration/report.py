@@ -11,6 +11,14 @@ The report (``FILE.int8.report.json``) holds, side by side for the two models:
   of FP32 and INT8 through the full MuSc pipeline (MUSC_SPEC 2-5) over all non-calibration
   images, and the drop. Cosine alone can hide what matters: MSM compares patch distances across
   images, so the AUROC drop is the number to judge INT8 by.
+
+A model made for TensorRT (``--mode trt``) is not judged by ONNX Runtime's CPU int8 kernels: on
+CPUs without VNNI they multiply int8 by int8 through 16-bit pair sums that saturate, which
+TensorRT does not (measured on EfficientNet-Lite0: cosine 0.64 through the CPU kernels, 0.97 as
+simulated). Its INT8 side runs *simulated* instead: graph optimisations off, so every
+QuantizeLinear/DequantizeLinear pair rounds and clamps in float and the Conv/MatMul run in FP32,
+the arithmetic TensorRT's explicit quantization follows (up to its accumulation order). Its CPU
+speed says nothing about TensorRT, so the speed entry is skipped for it.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from musc_edge import __version__
 from musc_edge.batch import batch_score_step, evaluate
 from musc_edge.errors import InputError
 from musc_edge.io import Dataset, Sample, write_json
-from musc_edge.runtime.model import load_model
+from musc_edge.runtime.model import FeatureExtractor, load_model, read_meta
 
 from .reader import ImageSplit, load_batch
 
@@ -133,23 +141,48 @@ def _drop(a: float | None, b: float | None) -> float | None:
 
 
 # ------------------------------------------------------------------------------------------- report
+def open_simulated(path: str | Path, threads: int | None = None) -> FeatureExtractor:
+    """A Q/DQ model on ONNX Runtime's CPU provider with graph optimisations off (see the module doc).
+
+    Without optimisations ORT does not fuse DequantizeLinear -> Conv -> QuantizeLinear into its
+    int8 kernels: each Q/DQ pair quantizes and dequantizes in float and the Conv/MatMul run FP32.
+    """
+    from musc_edge.runtime.backends.onnxruntime import CPU, OnnxRuntimeBackend, open_session
+
+    session = open_session(path, ((CPU, {}),), threads=threads, optimize=False)
+    backend = OnnxRuntimeBackend(path, read_meta(path), session)
+    backend.description += " (Q/DQ simulated in float, graph optimisations off)"
+    return FeatureExtractor(backend, path)
+
+
 def build_report(fp32_path: str | Path, int8_path: str | Path, split: ImageSplit, quantization: dict, *,
                  batch_size: int = 8, speed_repeats: int = 5, threads: int | None = None,
-                 musc: bool = True, r_list: Sequence[int] = (1, 3, 5), k_list: Sequence[int] = (1, 2, 3)) -> dict:
-    """Compare the FP32 and INT8 models (both on ONNX Runtime's CPU provider) and return the report."""
+                 musc: bool = True, r_list: Sequence[int] = (1, 3, 5), k_list: Sequence[int] = (1, 2, 3),
+                 simulate_int8: bool = False) -> dict:
+    """Compare the FP32 and INT8 models (both on ONNX Runtime's CPU provider) and return the report.
+
+    simulate_int8: run the INT8 model as simulated quantization rather than through ORT's int8
+    kernels (for ``--mode trt`` models, which TensorRT will run; see the module docstring).
+    """
     fp32_path, int8_path = Path(fp32_path), Path(int8_path)
     fp32 = load_model(fp32_path, "cpu", threads=threads)
-    int8 = load_model(int8_path, "cpu", threads=threads)
+    int8 = open_simulated(int8_path, threads) if simulate_int8 else load_model(int8_path, "cpu", threads=threads)
     try:
         if not int8.meta.compatible_with(fp32.meta):
             raise InputError(f"{int8_path.name} was not made from {fp32_path.name} (their metadata differ)")
         cosine = compare_outputs(fp32, int8, list(split.heldout), batch_size)
-        speed_batch, _ = load_batch(list(split.heldout)[:batch_size], fp32.meta)
-        if len(speed_batch) < batch_size:  # few held-out images: repeat them to a full batch
-            speed_batch = np.resize(speed_batch, (batch_size,) + speed_batch.shape[1:]).astype(np.float32)
-        speed = compare_speed(fp32, int8, speed_batch, speed_repeats)
-        speed["threads"] = threads or 0
-        speed["device"] = "cpu"
+        if simulate_int8:
+            speed: dict[str, Any] = {"skipped": "a --mode trt model is for TensorRT; its simulated CPU speed says "
+                                                "nothing about the engine (benchmarks/bench_tensorrt.py measures that)"}
+        else:
+            speed_batch, _ = load_batch(list(split.heldout)[:batch_size], fp32.meta)
+            if len(speed_batch) < batch_size:  # few held-out images: repeat them to a full batch
+                speed_batch = np.resize(speed_batch, (batch_size,) + speed_batch.shape[1:]).astype(np.float32)
+            speed = compare_speed(fp32, int8, speed_batch, speed_repeats)
+            speed["threads"] = threads or 0
+            speed["device"] = "cpu"
+        execution = {"fp32": fp32.description, "int8": int8.description,
+                     "int8_arithmetic": "simulated" if simulate_int8 else "onnxruntime int8 kernels"}
         musc_part = _musc_part(fp32, int8, split.dataset, split.evaluation, batch_size, r_list, k_list) if musc \
             else {"skipped": "disabled (--no-musc)"}
     finally:
@@ -168,6 +201,7 @@ def build_report(fp32_path: str | Path, int8_path: str | Path, split: ImageSplit
         "cosine": cosine,
         "cosine_min": min(v["min"] for v in cosine.values()),
         "speed": speed,
+        "execution": execution,
         "musc": musc_part,
     }
 

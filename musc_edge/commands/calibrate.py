@@ -69,9 +69,12 @@ def format_report(report: dict) -> str:
     lines = ["  cosine (min over held-out images): " + ", ".join(
         f"{k} {v['min']:.4f}" for k, v in report["cosine"].items())]
     s = report["speed"]
-    lines.append(f"  size {report['int8_model']['bytes'] / 2**20:.1f} MiB ({report['size_ratio']:.2f}x FP32); "
-                 f"speed {s['int8_images_per_s']:.2f} vs {s['fp32_images_per_s']:.2f} images/s "
-                 f"({s['ratio']:.2f}x) at batch {s['batch']}")
+    speed = (f"speed: skipped ({s['skipped']})" if "skipped" in s else
+             f"speed {s['int8_images_per_s']:.2f} vs {s['fp32_images_per_s']:.2f} images/s "
+             f"({s['ratio']:.2f}x) at batch {s['batch']}")
+    lines.append(f"  size {report['int8_model']['bytes'] / 2**20:.1f} MiB ({report['size_ratio']:.2f}x FP32); {speed}")
+    if report.get("execution", {}).get("int8_arithmetic") == "simulated":
+        lines.append("  INT8 side evaluated as simulated quantization (TensorRT's arithmetic), not ORT's CPU int8 kernels")
     m = report["musc"]
     if "skipped" in m:
         lines.append(f"  MuSc metrics: skipped ({m['skipped']})")

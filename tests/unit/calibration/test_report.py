@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from musc_edge.calibration.calibrate import calibrate_folder
-from musc_edge.calibration.report import REPORT_KEYS, compare_speed, cosine_per_image, report_path
+from musc_edge.calibration.report import (REPORT_KEYS, compare_speed, cosine_per_image, open_simulated,
+                                          report_path)
 from musc_edge.cli import main
 from musc_edge.runtime.testing import make_tiny_model
 from musc_edge.types import Features
@@ -72,6 +73,29 @@ def test_full_report_on_the_mtd_sample(tmp_path, tiny_model, sample_dir):
     assert musc["image_auroc_drop"] == pytest.approx(musc["fp32"]["image"]["auroc"] - musc["int8"]["image"]["auroc"],
                                                      abs=1e-6)
     assert report["quantization"]["mode"] == "static" and report["quantization"]["method"] == "minmax"
+
+
+def test_trt_mode_is_judged_as_simulated_quantization_not_by_cpu_int8_kernels(tmp_path, tiny_model, sample_dir,
+                                                                              capsys):
+    out = tmp_path / "tiny.trt.onnx"
+    rc = main(["calibrate", "--model", str(tiny_model), "--images", str(sample_dir), "--out", str(out),
+               "--num", "8", "--holdout", "4", "--mode", "trt", "--no-musc"])
+    text = capsys.readouterr()
+    assert rc == 0, text.err
+    report = json.loads((tmp_path / "tiny.trt.report.json").read_text())
+    assert report["execution"]["int8_arithmetic"] == "simulated" and "simulated" in report["execution"]["int8"]
+    assert "for TensorRT" in report["speed"]["skipped"]
+    assert "simulated quantization" in text.out and "speed: skipped" in text.out
+    # simulated = each Q/DQ pair rounds and clamps in float: close to FP32, but really quantized
+    from musc_edge.calibration.reader import load_batch
+    from musc_edge.runtime.model import load_model
+
+    with load_model(tiny_model, "cpu") as fp32, open_simulated(out) as sim:
+        x, _ = load_batch(sorted(sample_dir.rglob("*.jpg"))[:4], fp32.meta)
+        a, b = fp32(x), sim(x)
+    for p, q in zip(list(a.tokens) + [a.embedding], list(b.tokens) + [b.embedding]):
+        cos = cosine_per_image(p, q)
+        assert (cos > 0.98).all() and (cos < 1 - 1e-7).all() and not np.allclose(p, q, atol=1e-6)
 
 
 def test_flat_folder_without_labels_skips_musc_with_a_reason(tmp_path, tiny_model, sample_dir):
