@@ -115,6 +115,27 @@ def test_int8_engine_from_calibration_images(effnet_onnx):
     print("INT8 engine cosine vs FP32:", cos)  # the figure for docs/int8_tensorrt.md
 
 
+def test_int8_engine_computes_what_its_q_dq_graph_says(effnet_onnx):
+    """The engine of a Q/DQ model against that model run as simulated quantization on the CPU.
+
+    This is the parity check of the INT8 path (the accuracy of INT8 itself is judged by
+    ``calibrate --mode trt``'s report, which runs the same simulation): TensorRT may reorder its
+    accumulations, nothing more.
+    """
+    from musc_edge.calibration.report import open_simulated
+    from musc_edge.export.tensorrt import build_engine, quantize_for_tensorrt
+
+    meta = read_meta(effnet_onnx)
+    qdq = effnet_onnx.with_suffix(".qdq.onnx")
+    quantize_for_tensorrt(effnet_onnx, qdq, meta, SAMPLE, quantizer="ort", num=16)
+    engine = build_engine(qdq, qdq.with_suffix(".engine"), meta, precision="int8", max_batch=4)
+    x = _batch(meta, 4)
+    with open_simulated(qdq) as ref, load_model(engine) as eng:
+        cos = _cosines(ref(x), eng(x))
+    print("INT8 engine cosine vs its simulated Q/DQ graph:", cos)
+    assert all(v >= 0.99 for v in cos.values()), cos
+
+
 def test_engine_from_another_tensorrt_version_is_refused(fp16_engine, tmp_path):
     copy = tmp_path / "old.engine"
     copy.write_bytes(fp16_engine.read_bytes())
