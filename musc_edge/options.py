@@ -36,7 +36,8 @@ def model_flag(help: str = "Exported model: FILE.onnx (ONNX Runtime) or FILE.eng
 model_option = model_flag()
 device_option = click.option(
     "--device", default="auto", show_default=True,
-    help="auto | cpu | cuda | tensorrt (ONNX Runtime providers; auto = TensorRT > CUDA > CPU).")
+    help="auto | cpu | cuda | tensorrt (ONNX Runtime providers; auto = TensorRT > CUDA > CPU). cuda or "
+         "tensorrt that ONNX Runtime cannot start (no driver/CUDA/cuDNN) is an error; auto warns and falls back.")
 batch_option = click.option("--batch", default=8, show_default=True, type=click.IntRange(1, 1024),
                             help="Images per backbone batch.")
 r_option = click.option("--r", "r_list", default="1,3,5", show_default=True, callback=_int_list("--r"),

@@ -117,7 +117,8 @@ def load_model(path: str | Path, device: str = "auto", **opts: Any) -> FeatureEx
     """Load an ONNX model (ONNX Runtime) or a ``.engine`` (TensorRT) with its metadata checked.
 
     opts for ONNX Runtime: ``threads`` (intra-op threads, 0 = all cores), ``trt_cache_dir``,
-    ``trt_fp16``. Other opts go to the TensorRT backend for engines.
+    ``trt_fp16``. Other opts go to the TensorRT backend for engines. An explicit ``cuda``/``tensorrt``
+    whose provider ONNX Runtime could not start is a DeviceError, not a silent run on the CPU.
     """
     path = Path(path)
     if not path.is_file():
@@ -138,7 +139,7 @@ def _load_onnx(path: Path, device: str, *, threads: int | None = None, trt_cache
 
     providers = resolve_providers(device, ort.get_available_providers(), trt_cache_dir=trt_cache_dir,
                                   trt_fp16=trt_fp16)
-    session = open_session(path, providers, threads=threads)
+    session = open_session(path, providers, threads=threads, device=device)
     meta = _session_meta(session, path)
     check_session(session, meta, path)
     return OnnxRuntimeBackend(path, meta, session)

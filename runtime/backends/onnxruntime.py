@@ -4,11 +4,16 @@
 ``auto`` = TensorRT > CUDA > CPU among the providers this ONNX Runtime build has; ``cpu``,
 ``cuda`` and ``tensorrt`` ask for one, with the slower ones behind it as fallbacks for operators
 the fast one cannot run. An explicit choice that this build lacks is a :class:`DeviceError` that
-lists what is available (``pip install 'musc-edge[gpu]'`` brings CUDA and TensorRT).
+lists what is available (``pip install 'musc-edge[gpu]'`` brings CUDA and TensorRT). onnxruntime-gpu
+lists CUDA and TensorRT even where the driver, CUDA or cuDNN is missing, and then runs on the CPU
+without raising; ``open_session(..., device=...)`` checks the providers the session really got
+(``ort_fallback.check_providers``): an explicit choice that did not load is a DeviceError, ``auto``
+logs one warning and runs on what loaded.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,10 +25,11 @@ from musc_edge.errors import DeviceError, ModelError
 from musc_edge.meta import ModelMeta
 
 from .base import Backend
+from .ort_fallback import CPU, CUDA, TENSORRT, OrtOutput, check_providers
 
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
-TENSORRT = "TensorrtExecutionProvider"
+log = logging.getLogger(__name__)
+_warned: set[str] = set()
+
 #: Device name -> providers in order of preference (the first one must be available).
 DEVICE_PROVIDERS: dict[str, tuple[str, ...]] = {
     "cpu": (CPU,),
@@ -99,11 +105,14 @@ def session_options(threads: int | None = None, config: Mapping[str, str] | None
 
 
 def open_session(path: str | Path, providers: Sequence[tuple[str, dict[str, Any]]] = ((CPU, {}),),
-                 threads: int | None = None, optimize: bool = True, config: Mapping[str, str] | None = None):
+                 threads: int | None = None, optimize: bool = True, config: Mapping[str, str] | None = None,
+                 device: str | None = None):
     """``onnxruntime.InferenceSession`` for a file, with a one-line ModelError if it is no model.
 
     This is the session every command (``score``, ``watch``, ``calibrate``) runs on, and the one
-    ``benchmarks/bench_backbone.py`` times as mode ``ort``.
+    ``benchmarks/bench_backbone.py`` times as mode ``ort``. With ``device`` (the ``--device`` that
+    chose ``providers``), a GPU provider that ONNX Runtime could not start is a DeviceError for an
+    explicit device and one logged warning for ``auto``, in place of ORT's own stderr/stdout lines.
     """
     import onnxruntime as ort
 
@@ -116,13 +125,44 @@ def open_session(path: str | Path, providers: Sequence[tuple[str, dict[str, Any]
     for _, options in providers:
         if "trt_engine_cache_path" in options:
             Path(options["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
-    try:
-        return ort.InferenceSession(str(path), sess_options=so, providers=[p for p, _ in providers],
-                                    provider_options=[o for _, o in providers])
-    except Exception as e:  # ORT raises its own Fail/InvalidProtobuf/... classes
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"ONNX Runtime could not load {path} on {', '.join(p for p, _ in providers)} "
+    names = [p for p, _ in providers]
+    session, error = None, None
+    # Only a GPU provider makes ORT print while it falls back; a CPU session is created untouched.
+    with OrtOutput(enabled=device is not None and any(p != CPU for p in names)) as output:
+        try:
+            session = ort.InferenceSession(str(path), sess_options=so, providers=names,
+                                           provider_options=[o for _, o in providers])
+        except Exception as e:  # ORT raises its own Fail/InvalidProtobuf/... classes
+            error = e
+    if session is None:
+        output.replay()
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelError(f"ONNX Runtime could not load {path} on {', '.join(names)} "
                          f"({reason[:200]}); is it an ONNX model from `musc-edge export`?") from None
+    if device is None:
+        return session
+    try:
+        warning = check_providers(device, names, session.get_providers(), ort_log=output.text,
+                                  ort_version=ort.__version__)
+    except DeviceError:
+        _log_ort_output(output)
+        raise
+    if warning is None:
+        output.replay()
+        return session
+    _log_ort_output(output)
+    if warning not in _warned:  # one warning per process, however many sessions fall back alike
+        _warned.add(warning)
+        log.warning("%s", warning)
+    return session
+
+
+def _log_ort_output(output: OrtOutput) -> None:
+    """ORT's raw fallback lines at debug level (-vv), everything else back where it was going."""
+    lines = [line for line in output.text.splitlines() if line.strip()]
+    if lines:
+        log.debug("ONNX Runtime said while creating the session:\n%s", "\n".join(lines))
+    output.replay(drop_ort=True)
 
 
 class OnnxRuntimeBackend(Backend):
