@@ -14,7 +14,7 @@ way on both versions: the precision lives *in the ONNX graph* and the network is
     Explicit quantization: a graph with Q/DQ nodes. An ONNX file that already has them (from
     ``musc-edge calibrate --mode trt`` or ModelOpt) is built as is; otherwise ``calib_dir``
     images calibrate it here, with NVIDIA ModelOpt's ONNX PTQ when it is installed (it places
-    Q/DQ by TensorRT's rules and casts the rest to FP16, keeping LayerNorm/Softmax precise) or
+    Q/DQ by TensorRT's rules; the rest is cast to FP16 except :data:`FP32_OPS`, as for ``fp16``) or
     else our ONNX Runtime ``trt`` mode (symmetric int8 Q/DQ on Conv/MatMul/Gemm inputs only;
     everything else, LayerNorm and Softmax included, stays FP32).
 ``fp32``
@@ -37,10 +37,10 @@ from typing import Any
 
 import numpy as np
 
-from musc_edge.errors import InputError, ModelError
+from musc_edge.errors import DeviceError, InputError, ModelError
 from musc_edge.meta import ModelMeta
-from musc_edge.runtime.backends.tensorrt import (SIDECAR_VERSION_KEY, cuda_info, import_cudart, import_tensorrt,
-                                                 version_tuple, write_sidecar)
+from musc_edge.runtime.backends.tensorrt import (SIDECAR_VERSION_KEY, cuda_call, cuda_info, import_cudart,
+                                                 import_tensorrt, version_tuple, write_sidecar)
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +157,7 @@ def quantize_for_tensorrt(src: Path, dst: Path, meta: ModelMeta, calib_dir: Path
         except ImportError:
             raise InputError("--quantizer modelopt needs NVIDIA ModelOpt: pip install 'nvidia-modelopt[onnx]'") from None
         batch, _ = calibration_batch(calib_dir, meta, num)
-        modelopt_quantize(str(src), quantize_mode="int8", calibration_data={meta.input_name: batch},
-                          calibration_method="entropy", output_path=str(dst), high_precision_dtype="fp16")
+        _run_modelopt(modelopt_quantize, src, dst, {meta.input_name: batch})
         return "modelopt"
     from musc_edge.calibration.quantize import make_config, quantize_model
     from musc_edge.calibration.reader import split_images
@@ -167,6 +166,83 @@ def quantize_for_tensorrt(src: Path, dst: Path, meta: ModelMeta, calib_dir: Path
     split = split_images(calib_dir, max(4, min(num, n_images - 2)), holdout=2)
     quantize_model(src, dst, make_config("trt", "minmax", num=len(split.calibration)), split.calibration)
     return "onnxruntime-trt"
+
+
+def modelopt_calibration_eps() -> list[str]:
+    """ModelOpt's calibration execution providers: CUDA first where a GPU is present, else the CPU only.
+
+    ModelOpt's default (``cpu, cuda:0, trt``) puts the CPU first, so a GPU machine would calibrate
+    on the CPU. ``onnxruntime-gpu``, which ModelOpt installs, lists the CUDA provider even with no GPU
+    or CUDA libraries, so ORT's list alone is not enough: cuda-python (the engine build's own
+    dependency; no torch here) must also see a device. TensorRT's provider is left out: it would
+    first build an engine of the calibration graph (every tensor an output); ModelOpt adds it by
+    itself for a model with custom ops.
+    """
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers() and _cuda_device_present():
+        return ["cuda:0", "cpu"]
+    return ["cpu"]
+
+
+def _cuda_device_present() -> bool:
+    try:
+        return int(cuda_call(import_cudart().cudaGetDeviceCount(), "cudaGetDeviceCount")) > 0
+    except (DeviceError, RuntimeError, OSError):  # no cuda-python, no driver or no GPU
+        return False
+
+
+def _run_modelopt(modelopt_quantize: Any, src: Path, dst: Path, calibration_data: dict[str, np.ndarray]) -> None:
+    """Run ModelOpt's INT8 PTQ on ``src`` into ``dst``; any failure becomes one :class:`ModelError` line.
+
+    ModelOpt writes its intermediate models (``<name>_opset19.onnx``, ``<name>_named.onnx``, ...) next
+    to its input, and copies the input's whole folder elsewhere when that folder is read-only, so it
+    is given a link to ``src`` in a temporary folder instead. Non-quantized ops are cast to FP16 as
+    in the fp16 build, except :data:`FP32_OPS` (ModelOpt's own default casts LayerNorm and Softmax
+    too). Note: ModelOpt monkeypatches ONNX Runtime's calibrators for the rest of the process, so
+    our ``ort`` quantizer (or ``musc-edge calibrate``) must not run after it in the same process.
+    """
+    with tempfile.TemporaryDirectory(prefix="musc-edge-modelopt-") as tmp:
+        link = Path(tmp) / (src.stem + ".onnx")  # ModelOpt asserts an .onnx or .pb name
+        link.symlink_to(src.resolve())
+        for name in _external_data_files(src):
+            extra = Path(tmp) / name
+            extra.parent.mkdir(parents=True, exist_ok=True)
+            extra.symlink_to((src.parent / name).resolve())
+        try:
+            modelopt_quantize(str(link), quantize_mode="int8", calibration_data=calibration_data,
+                              calibration_method="entropy", calibration_eps=modelopt_calibration_eps(),
+                              high_precision_dtype="fp16", op_types_to_exclude_fp16=list(FP32_OPS),
+                              output_path=str(dst), log_level="WARNING")
+        except Exception as e:  # ModelOpt raises AssertionError, ValueError, RuntimeError, ORT's errors...
+            log.debug("ModelOpt failed", exc_info=True)
+            detail = (str(e).strip().splitlines() or [""])[0][:300] or _failing_line(e)
+            raise ModelError(f"ModelOpt could not quantize {src.name}: {type(e).__name__}: {detail} "
+                             "(--quantizer ort uses ONNX Runtime's trt mode instead)") from None
+    if not dst.is_file() or not has_qdq(dst):
+        raise ModelError(f"ModelOpt placed no Q/DQ nodes in {src.name}: nothing in it to build in INT8")
+
+
+def _failing_line(e: BaseException) -> str:
+    """Where ``e`` was raised, for an exception without a message (ModelOpt's bare ``assert``s)."""
+    import traceback
+
+    frames = traceback.extract_tb(e.__traceback__)
+    if not frames:
+        return "no message"
+    last = frames[-1]
+    return f"`{(last.line or '').strip()}` at {Path(last.filename).name}:{last.lineno}"
+
+
+def _external_data_files(model_path: Path) -> list[str]:
+    """The external-data files ``model_path`` names (relative to its folder), so a link to it still loads."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    names = {entry.value for init in model.graph.initializer
+             if init.data_location == onnx.TensorProto.EXTERNAL
+             for entry in init.external_data if entry.key == "location"}
+    return sorted(names)
 
 
 def discover_images(folder: Path) -> list[Path]:
