@@ -282,12 +282,15 @@ def _prepare(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _name_nodes(src: Path, dst: Path) -> Path:
-    """Give every unnamed node a unique name (ONNX Runtime excludes nodes by name)."""
-    model = onnx.load(str(src))
+def name_nodes(model: onnx.ModelProto) -> bool:
+    """Give every unnamed node of ``model`` a unique name, in place; True if any was renamed.
+
+    ONNX Runtime's quantizer excludes nodes by name, and older releases of its float16 converter
+    (1.24) name the Cast nodes they insert after the node, so unnamed nodes collide there.
+    """
     taken = {n.name for n in model.graph.node if n.name}
     if len(taken) == len(model.graph.node):
-        return src
+        return False
     for i, n in enumerate(model.graph.node):
         if not n.name:
             name = f"{n.op_type}_{i}"
@@ -295,6 +298,14 @@ def _name_nodes(src: Path, dst: Path) -> Path:
                 name += "_"
             n.name = name
             taken.add(name)
+    return True
+
+
+def _name_nodes(src: Path, dst: Path) -> Path:
+    """``src``, or a copy at ``dst`` with every node named (:func:`name_nodes`)."""
+    model = onnx.load(str(src))
+    if not name_nodes(model):
+        return src
     onnx.save(model, str(dst))
     return dst
 

@@ -56,6 +56,9 @@ def _list_callback(ctx: click.Context, param: click.Parameter, value: bool) -> N
               help="Folder of line images for INT8 calibration (--format engine --precision int8).")
 @click.option("--max-batch", "max_batch", type=click.IntRange(1, 1024), default=None,
               help="Largest batch of the TensorRT optimisation profile (--format engine) [default: 8].")
+@click.option("--quantizer", type=click.Choice(["ort", "modelopt"]), default=None,
+              help="Who calibrates --precision int8 --calib: ort (our `calibrate --mode trt`) or modelopt "
+                   "(NVIDIA ModelOpt ONNX PTQ, if installed) [default: ort].")
 @click.option("--from-onnx", "from_onnx", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Build the engine from this exported (or `calibrate --mode trt`) FILE.onnx instead of exporting "
                    "again: how to build on the target GPU/Jetson, which needs no torch (--format engine).")
@@ -63,7 +66,7 @@ def _list_callback(ctx: click.Context, param: click.Parameter, value: bool) -> N
               help="List the registered backbones and exit.")
 def export(backbone: str, weights: str | None, image_size: int | None, layers: str | None, full_embedding: bool,
            opset: int, out: Path | None, fmt: str, precision: str | None, calib_dir: Path | None,
-           max_batch: int | None, from_onnx: Path | None) -> None:
+           max_batch: int | None, quantizer: str | None, from_onnx: Path | None) -> None:
     """Export a backbone to ONNX with musc-edge metadata, and check it against torch.
 
     The graph takes `image` (B, 3, S, S) float32, normalised, any batch B, and returns
@@ -73,8 +76,10 @@ def export(backbone: str, weights: str | None, image_size: int | None, layers: s
     `--format engine --from-onnx FILE.onnx` builds one from a file exported earlier (engines are
     tied to the GPU and TensorRT that build them, so build them on the target machine).
     """
+    if quantizer is not None and calib_dir is None:
+        raise InputError("--quantizer chooses who calibrates --calib images: add --precision int8 --calib DIR")
     if from_onnx is not None:
-        _engine_from_onnx(from_onnx, out, fmt, precision, calib_dir, max_batch,
+        _engine_from_onnx(from_onnx, out, fmt, precision, calib_dir, max_batch, quantizer or "auto",
                           export_flags={"--weights": weights, "--image-size": image_size, "--layers": layers,
                                         "--full-embedding": full_embedding or None})
         return
@@ -105,7 +110,8 @@ def export(backbone: str, weights: str | None, image_size: int | None, layers: s
                f"grid {meta.grid}x{meta.grid}, layers {','.join(map(str, meta.layers))}, "
                f"embedding from block {built.embedding_layer} of {spec.num_blocks}")
     if fmt == "engine":
-        engine = _build_engine(result.path, meta, precision or "fp16", calib_dir, max_batch or 8)
+        engine = _build_engine(result.path, meta, precision or "fp16", calib_dir, max_batch or 8,
+                               quantizer=quantizer or "auto")
         click.echo(f"wrote {engine}")
 
 
@@ -121,7 +127,7 @@ def _require_export_stack(family: str) -> None:
 
 
 def _engine_from_onnx(onnx_path: Path, out: Path | None, fmt: str, precision: str | None, calib_dir: Path | None,
-                      max_batch: int | None, export_flags: dict[str, object]) -> None:
+                      max_batch: int | None, quantizer: str, export_flags: dict[str, object]) -> None:
     """``--from-onnx``: an engine from an existing musc-edge ONNX file, without torch."""
     from musc_edge.runtime.model import read_meta, warn_if_random
 
@@ -143,12 +149,13 @@ def _engine_from_onnx(onnx_path: Path, out: Path | None, fmt: str, precision: st
         from musc_edge.export.tensorrt import has_qdq
 
         precision = "int8" if has_qdq(onnx_path) else "fp16"  # a calibrated Q/DQ model is INT8 by construction
-    engine = _build_engine(onnx_path, meta, precision, calib_dir, max_batch or 8, engine_path=out)
+    engine = _build_engine(onnx_path, meta, precision, calib_dir, max_batch or 8, engine_path=out,
+                           quantizer=quantizer)
     click.echo(f"wrote {engine} ({precision}, batch 1..{max_batch or 8})")
 
 
 def _build_engine(onnx_path: Path, meta, precision: str, calib_dir: Path | None, max_batch: int,
-                  engine_path: Path | None = None) -> Path:
+                  engine_path: Path | None = None, quantizer: str = "auto") -> Path:
     """Hand the ONNX file to the TensorRT builder (issue 5), imported only here."""
     hint = "TensorRT is not installed: pip install 'musc-edge[trt]' on an NVIDIA machine, or use --format onnx"
     try:
@@ -158,7 +165,7 @@ def _build_engine(onnx_path: Path, meta, precision: str, calib_dir: Path | None,
     engine_path = engine_path or onnx_path.with_suffix(".engine")
     try:
         result = build_engine(onnx_path, engine_path, meta, precision=precision, calib_dir=calib_dir,
-                              max_batch=max_batch)
+                              max_batch=max_batch, quantizer=quantizer)
     except ImportError:
         raise DeviceError(hint) from None
     return Path(result) if isinstance(result, (str, Path)) else engine_path

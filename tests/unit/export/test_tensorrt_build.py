@@ -253,6 +253,7 @@ def test_from_onnx_takes_a_q_dq_model_as_int8_and_out_names_the_engine(tmp_path,
     (["--format", "engine", "--from-onnx", "{tiny}", "--out", "{tmp}/x.onnx"], "--out names the engine"),
     (["--format", "engine", "--from-onnx", "{bare}"], "no musc-edge metadata"),
     (["--format", "engine", "--from-onnx", "{tiny}", "--precision", "int8"], "no Q/DQ nodes: INT8 needs calibration"),
+    (["--format", "engine", "--from-onnx", "{tiny}", "--quantizer", "ort"], "--quantizer chooses who calibrates"),
 ])
 def test_from_onnx_bad_use_is_one_line(tmp_path, tiny, simulated, capsys, args, message):
     rec = simulated()
@@ -262,3 +263,18 @@ def test_from_onnx_bad_use_is_one_line(tmp_path, tiny, simulated, capsys, args, 
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
     assert not rec.parsed and not list(tmp_path.rglob("*.engine"))
+
+
+def test_int8_calibration_defaults_to_our_trt_mode_and_modelopt_is_asked_for(tmp_path, tiny, simulated, monkeypatch,
+                                                                              capsys):
+    import sys
+
+    simulated()
+    monkeypatch.setattr(build, "default_timing_cache", lambda: tmp_path / "t.cache")
+    monkeypatch.setitem(sys.modules, "modelopt", None)  # as if ModelOpt were not installed
+    base = ["--format", "engine", "--from-onnx", str(tiny), "--precision", "int8", "--calib", str(SAMPLE)]
+    assert run_cli(*base, "--out", str(tmp_path / "a.engine")) == 0
+    assert runner.read_sidecar(tmp_path / "a.engine")["precision_source"] == "onnxruntime-trt"
+    assert run_cli(*base, "--out", str(tmp_path / "b.engine"), "--quantizer", "modelopt") == 2
+    assert "needs NVIDIA ModelOpt: pip install 'nvidia-modelopt[onnx]'" in capsys.readouterr().err
+    assert not (tmp_path / "b.engine").exists()

@@ -165,3 +165,31 @@ def test_cuda_call_unpacks_and_names_failures():
 def test_engine_modules_never_import_torch():
     src = Path(runner.__file__).read_text() + Path(build.__file__).read_text()
     assert "import torch" not in src and "from torch" not in src
+
+
+def test_sort_nodes_restores_topological_order_stably(tiny):
+    model = onnx.load(str(tiny))
+    original = [n.name or n.output[0] for n in model.graph.node]
+    shuffled = list(model.graph.node)[::-1]  # every producer after its users
+    del model.graph.node[:]
+    model.graph.node.extend(shuffled)
+    with pytest.raises(onnx.checker.ValidationError, match="topologically sorted"):
+        onnx.checker.check_model(model)
+    build.sort_nodes(model.graph)
+    onnx.checker.check_model(model)
+    assert sorted(n.name or n.output[0] for n in model.graph.node) == sorted(original)
+    model = onnx.load(str(tiny))
+    build.sort_nodes(model.graph)
+    assert [n.name or n.output[0] for n in model.graph.node] == original  # a sorted graph stays as it is
+    cyclic = onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["b"], ["a"]), onnx.helper.make_node("Relu", ["a"], ["b"])], "g", [], [])
+    with pytest.raises(ModelError, match="cycle"):
+        build.sort_nodes(cyclic)
+
+
+def test_fp16_conversion_names_nodes_so_converted_casts_cannot_collide(tmp_path, tiny):
+    assert any(not n.name for n in onnx.load(str(tiny)).graph.node)  # the tiny model has unnamed nodes
+    model = onnx.load(str(build.to_fp16(tiny, tmp_path / "fp16.onnx")))
+    names = [n.name for n in model.graph.node]
+    assert all(names) and len(set(names)) == len(names)
+    onnx.checker.check_model(model, full_check=True)
