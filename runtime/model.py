@@ -133,9 +133,9 @@ def load_model(path: str | Path, device: str = "auto", **opts: Any) -> FeatureEx
 
 def _load_onnx(path: Path, device: str, *, threads: int | None = None, trt_cache_dir: str | Path | None = None,
                trt_fp16: bool = False) -> Backend:
-    import onnxruntime as ort
+    from .backends.onnxruntime import OnnxRuntimeBackend, import_onnxruntime, open_session, resolve_providers
 
-    from .backends.onnxruntime import OnnxRuntimeBackend, open_session, resolve_providers
+    ort = import_onnxruntime()
 
     providers = resolve_providers(device, ort.get_available_providers(), trt_cache_dir=trt_cache_dir,
                                   trt_fp16=trt_fp16)

@@ -10,7 +10,7 @@ VENV="${VENV:-.venv}"
 python -m pip install --quiet --upgrade pip
 # torch/torchvision pinned as a pair (PyPI's torchvision must match torch exactly)
 python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-python -m pip install --quiet -e ".[export]"
+python -m pip install --quiet -e ".[cpu,export]"
 
 OUT="${OUT:-runs/quickstart}"
 mkdir -p "$OUT"

@@ -48,9 +48,11 @@ def calibrate(model_path: Path, images: Path, out_path: Path, mode: str | None, 
     """
     try:
         from musc_edge.calibration.calibrate import calibrate_folder
-    except ImportError as e:  # the lean install has onnxruntime but not onnx
+    except ImportError as e:  # the lean install has neither onnx nor, without [cpu]/[gpu], onnxruntime
+        extras = "'musc-edge[cpu,calib]' (or [gpu,calib])" if (e.name or "").startswith("onnxruntime") \
+            else "'musc-edge[calib]'"
         raise MuscEdgeError(f"`musc-edge calibrate` needs the module {e.name or str(e)!r}, which is not "
-                            "installed: pip install 'musc-edge[calib]'") from None
+                            f"installed: pip install {extras}") from None
 
     run = calibrate_folder(model_path, images, out_path, mode=mode, method=method, num=num, holdout=holdout,
                            batch=batch, cache=cache, report=not no_report, musc=not no_musc,

@@ -122,8 +122,9 @@ def _require_export_stack(family: str) -> None:
     needed = ["torch", "onnx", "onnxruntime"] + (["open_clip"] if family == "clip" else [])
     missing = [m for m in needed if importlib.util.find_spec(m) is None]
     if missing:
+        extras = "cpu,export" if "onnxruntime" in missing else "export"  # ORT: [cpu] or [gpu], never both
         raise MuscEdgeError(f"`musc-edge export` needs {', '.join(missing)}, not installed here: "
-                            "pip install 'musc-edge[export]' on the export workstation")
+                            f"pip install 'musc-edge[{extras}]' on the export workstation")
 
 
 def _engine_from_onnx(onnx_path: Path, out: Path | None, fmt: str, precision: str | None, calib_dir: Path | None,

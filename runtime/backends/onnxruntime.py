@@ -39,6 +39,52 @@ DEVICE_PROVIDERS: dict[str, tuple[str, ...]] = {
 DEVICES = ("auto",) + tuple(DEVICE_PROVIDERS)
 
 
+#: ONNX Runtime is an extra, not a dependency: the CPU and GPU builds are different packages that
+#: install into one ``onnxruntime`` folder, so depending on either would clobber the other (on a
+#: Jetson, NVIDIA's own ``onnxruntime-gpu`` wheel).
+ORT_INSTALL_HINT = ("pip install 'musc-edge[cpu]' (onnxruntime), or 'musc-edge[gpu]' (onnxruntime-gpu) on an "
+                    "NVIDIA machine; on a Jetson, NVIDIA's onnxruntime-gpu wheel for its JetPack")
+ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml",
+                     "ort-nightly", "ort-nightly-gpu")
+_clash_checked = False
+
+
+def import_onnxruntime():
+    """``onnxruntime``, or a one-line DeviceError saying which extra installs it.
+
+    The first call also warns when more than one ONNX Runtime package is installed: they share
+    the ``onnxruntime`` folder, so whichever was installed last has overwritten parts of the
+    other (typically: onnxruntime-gpu without its CUDA provider, or a broken import).
+    """
+    global _clash_checked
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise DeviceError(f"ONNX Runtime is not installed ({e.name or e} is not importable): {ORT_INSTALL_HINT}") from None
+    if not _clash_checked:
+        _clash_checked = True
+        clash = installed_ort_packages()
+        if len(clash) > 1:
+            log.warning("%s are all installed and overwrite each other's files in one 'onnxruntime' folder; keep "
+                        "one: pip uninstall -y %s && pip install %s", ", ".join(clash), " ".join(clash),
+                        "onnxruntime-gpu" if "onnxruntime-gpu" in clash else clash[0])
+    return ort
+
+
+def installed_ort_packages(names: Sequence[str] = ORT_DISTRIBUTIONS) -> list[str]:
+    """Which of the ONNX Runtime distributions ``names`` are installed (by package metadata)."""
+    from importlib import metadata
+
+    found = []
+    for name in names:
+        try:
+            metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        found.append(name)
+    return found
+
+
 def default_trt_cache_dir() -> Path:
     """Where the TensorRT EP keeps built engines: the user cache, never the working directory."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -91,7 +137,7 @@ def session_options(threads: int | None = None, config: Mapping[str, str] | None
     products take ~90% of the run, so ORT's other knobs (spinning, denormals as zero, the fused
     com.microsoft Attention op) change images/s by less than the noise; the defaults stay.
     """
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -114,7 +160,7 @@ def open_session(path: str | Path, providers: Sequence[tuple[str, dict[str, Any]
     chose ``providers``), a GPU provider that ONNX Runtime could not start is a DeviceError for an
     explicit device and one logged warning for ``auto``, in place of ORT's own stderr/stdout lines.
     """
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     path = Path(path)
     if not path.is_file():
@@ -186,6 +232,6 @@ class OnnxRuntimeBackend(Backend):
 
 
 def _ort_version() -> str:
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     return ort.__version__
