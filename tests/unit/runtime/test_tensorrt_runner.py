@@ -16,6 +16,7 @@ ones the real binding accepts, and the runner's CUDA failure path is run for rea
 from __future__ import annotations
 
 import ctypes
+import json
 import types
 from pathlib import Path
 from typing import Any
@@ -353,3 +354,60 @@ def test_no_gpu_gives_one_line_device_errors_from_the_real_cuda_python(tmp_path,
     with pytest.raises(DeviceError, match=r"^CUDA cudaSetDevice failed: cudaError\w+ \(\d+\)") as info:
         runner.TensorRTBackend(make_engine_file(tmp_path, meta), meta)
     assert "\n" not in str(info.value)
+
+
+# --------------------------------------------------------- the engine path end to end, through `score`
+class OrtBackedEngine(FakeEngine):
+    """A simulated engine that computes a real model's outputs (ONNX Runtime on the tiny model)."""
+
+    def __init__(self, onnx_path: Path, meta: ModelMeta, max_batch: int) -> None:
+        import onnxruntime as ort
+
+        super().__init__(meta, max_batch)
+        self.session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+
+    def create_execution_context(self) -> "FakeContext":
+        ctx = OrtBackedContext(self)
+        self.contexts.append(ctx)
+        return ctx
+
+
+class OrtBackedContext(FakeContext):
+    def execute_async_v3(self, stream_handle: int) -> bool:
+        self.executed_batches.append(int(self.batch))
+        x = self._view(self.engine.input).copy()
+        names = self.engine.outputs
+        for name, value in zip(names, self.engine.session.run(names, {self.engine.input: x})):
+            self._view(name)[...] = value
+        return True
+
+
+def test_score_with_an_engine_gives_the_scores_of_its_onnx_model(tmp_path, device):
+    """`musc-edge score --model X.engine`: loader, prefetching pipeline, chunking (batch 8 over a
+    profile of 1..3), outputs, scorer and writers, against the same model run by ONNX Runtime."""
+    import csv
+
+    from musc_edge.cli import main
+    from musc_edge.runtime.testing import make_tiny_model
+
+    sample = Path(__file__).resolve().parents[3] / "examples" / "mtd_sample" / "magnetic_tile"
+    meta = tiny_meta(image_size=32, patch_size=8, token_dims=(16, 24), embed_dim=12)
+    onnx_path = make_tiny_model(tmp_path / "tiny.onnx", meta=meta)
+    engine = OrtBackedEngine(onnx_path, meta, max_batch=3)
+    device(engine)
+    engine_file = make_engine_file(tmp_path, meta)
+    for model, out in ((onnx_path, "onnx"), (engine_file, "engine")):
+        args = ["score", str(sample), "--model", str(model), "--out", str(tmp_path / out), "--batch", "8"]
+        assert main(args + (["--device", "cpu"] if out == "onnx" else [])) == 0
+
+    def rows(out: str) -> dict[str, tuple[float, float]]:
+        with open(tmp_path / out / "scores.csv", newline="") as f:
+            return {r["path"]: (float(r["image_score"]), float(r["raw_score"])) for r in csv.DictReader(f)}
+
+    want, got = rows("onnx"), rows("engine")
+    assert len(want) == 40 and want.keys() == got.keys()
+    for path in want:
+        np.testing.assert_allclose(got[path], want[path], rtol=1e-5, atol=1e-6, err_msg=path)
+    assert max(engine.contexts[0].executed_batches) == 3 and sum(engine.contexts[0].executed_batches) == 40
+    run = json.loads((tmp_path / "engine" / "run.json").read_text())
+    assert "tensorrt" in json.dumps(run)  # run.json records what ran the model
