@@ -1,6 +1,6 @@
 """TensorRT engine runner against ONNX Runtime's CUDA provider, side by side on one GPU.
 
-    python benchmarks/bench_tensorrt.py --backbone vit_b16 --batches 1,8 --precisions fp16,int8
+    python benchmarks/bench_tensorrt.py --backbone vit_b16 --batches 1,8 --precisions fp16,int8 [--quantizer modelopt]
 
 Exports the backbone (random weights for CLIP ViTs: speed does not depend on them), builds one
 engine per precision with ``musc_edge.export.tensorrt.build_engine`` (INT8 calibrated on the MTD
@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", default="1,8")
     p.add_argument("--precisions", default="fp16,int8")
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--quantizer", choices=("ort", "modelopt"), default="ort",
+                   help="who calibrates the int8 engine (export/tensorrt.py: quantize_for_tensorrt)")
     args = p.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
 
@@ -70,7 +72,8 @@ def _run(args, batches: list[int]) -> int:
         for prec in [x for x in args.precisions.split(",") if x]:
             t = time.perf_counter()
             engine = build_engine(onnx_path, Path(tmp) / f"{prec}.engine", meta, precision=prec,
-                                  calib_dir=SAMPLE if prec == "int8" else None, max_batch=max(batches))
+                                  calib_dir=SAMPLE if prec == "int8" else None, max_batch=max(batches),
+                                  quantizer=args.quantizer)
             build_s[prec] = round(time.perf_counter() - t, 1)
             models[f"trt-{prec}"] = load_model(engine)
         paths = sorted((SAMPLE / "test").rglob("*.jpg"))
@@ -99,6 +102,7 @@ def _run(args, batches: list[int]) -> int:
         for m in models.values():
             m.close()
     out = {"benchmark": "bench_tensorrt", "backbone": args.backbone, "tensorrt": trt.__version__,
+           "int8_quantizer": args.quantizer,
            **cuda_info(), "build_s": build_s, "results": results, "cosine_min_vs_ort": cosine}
     json.dump(out, sys.stdout, indent=2)
     sys.stdout.write("\n")
