@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from musc_edge.errors import DeviceError, InputError, ModelError
+from musc_edge.io import atomic_write_bytes
 from musc_edge.meta import ModelMeta
 from musc_edge.runtime.backends.tensorrt import (SIDECAR_VERSION_KEY, cuda_call, cuda_info, import_cudart,
                                                  import_tensorrt, version_tuple, write_sidecar)
@@ -322,11 +323,9 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, meta: ModelMeta
         elif precision == "int8":
             how = "Q/DQ model as given"
         plan = _build(trt, graph, meta, max_batch, cache_path, workspace_gib)
-    tmp_engine = engine_path.with_name(engine_path.name + ".tmp")
-    tmp_engine.write_bytes(plan)
-    tmp_engine.replace(engine_path)
     facts = build_facts(trt.__version__, precision, max_batch, how, onnx_path, cache_path)
-    facts.update(cuda_info(cudart))
+    facts.update(cuda_info(cudart))  # before writing: a failure here must not leave a new engine beside an old sidecar
+    atomic_write_bytes(engine_path, plan)
     write_sidecar(engine_path, meta, facts)
     log.info("built %s (%s, batch 1..%d, TensorRT %s)", engine_path, precision, max_batch, trt.__version__)
     return engine_path
@@ -382,7 +381,4 @@ def _load_timing_cache(config: Any, path: Path) -> None:
 
 
 def _save_timing_cache(cache: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(bytes(cache.serialize()))
-    tmp.replace(path)
+    atomic_write_bytes(path, bytes(cache.serialize()))  # a unique temporary name: builds may run side by side

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from musc_edge.errors import DeviceError, ModelError
+from musc_edge.io import atomic_write_bytes
 from musc_edge.meta import ModelMeta
 
 from .base import Backend
@@ -50,9 +51,7 @@ def write_sidecar(engine: str | Path, meta: ModelMeta, build: Mapping[str, Any])
         raise ValueError(f"build facts overwrite metadata keys: {clash}")
     data.update(build)
     path = sidecar_file(engine)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
     return path
 
 

@@ -278,3 +278,22 @@ def test_int8_calibration_defaults_to_our_trt_mode_and_modelopt_is_asked_for(tmp
     assert run_cli(*base, "--out", str(tmp_path / "b.engine"), "--quantizer", "modelopt") == 2
     assert "needs NVIDIA ModelOpt: pip install 'nvidia-modelopt[onnx]'" in capsys.readouterr().err
     assert not (tmp_path / "b.engine").exists()
+
+
+def test_a_cuda_query_failure_after_the_build_leaves_the_old_engine_and_sidecar(tmp_path, tiny, simulated,
+                                                                                monkeypatch):
+    from musc_edge.errors import DeviceError
+
+    simulated()
+    bad = types.SimpleNamespace(value=35, name="cudaErrorInsufficientDriver")
+    broken = fake_cudart()
+    broken.cudaGetDeviceProperties = lambda device: (bad, None)
+    monkeypatch.setattr(build, "import_cudart", lambda: broken)
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"old plan")
+    runner.write_sidecar(engine, read_meta(tiny), {"tensorrt_version": "10.0.0"})
+    with pytest.raises(DeviceError, match="cudaGetDeviceProperties failed"):
+        build.build_engine(tiny, engine, read_meta(tiny), precision="fp32", timing_cache=tmp_path / "t.cache")
+    assert engine.read_bytes() == b"old plan"  # the pair stays consistent
+    assert runner.read_sidecar(engine)["tensorrt_version"] == "10.0.0"
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
