@@ -24,7 +24,8 @@ Four modes, because the fastest INT8 form depends on the backbone and on where i
     in FP32, so it does nothing for a CNN.
 ``trt``
     The Q/DQ form TensorRT's explicit quantization wants: symmetric int8 activations and weights
-    (zero point 0), per-channel weights, Q/DQ only on the inputs of Conv/MatMul/Gemm. Meant for
+    (zero point 0), per-channel weights, Q/DQ only on the inputs of Conv/MatMul/Gemm, biases left
+    in float (TensorRT does not take ORT's int32-quantized biases). Meant for
     ``musc-edge export --format engine --precision int8``, not for ONNX Runtime on the CPU.
 
 Only Conv, MatMul and Gemm are quantized in every mode (plus Clip/Relu in ``static-cnn``, which
@@ -342,7 +343,11 @@ def _quantize_static(src: Path, dst: Path, reader: ImageFolderReader, config: Qu
                       extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
                                      # Q/DQ on the inputs of Conv/MatMul/Gemm only, as TensorRT's
                                      # explicit-quantization rules (and ModelOpt) place them
-                                     "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OPS)})
+                                     "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OPS),
+                                     # biases stay float: TensorRT's parser takes DequantizeLinear
+                                     # of int8 (and fp8/int4), not ORT's int32 bias, and fuses
+                                     # the float bias itself
+                                     "QuantizeBias": False})
     if config.cache is not None:
         config.cache.parent.mkdir(parents=True, exist_ok=True)
         kwargs["calibration_cache_path"] = str(config.cache)

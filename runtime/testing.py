@@ -34,8 +34,11 @@ def tiny_meta(image_size: int = 32, patch_size: int = 8, token_dims: tuple[int, 
 
 
 def make_tiny_model(path: str | Path, *, meta: ModelMeta | None = None, seed: int = 0,
-                    with_metadata: bool = True) -> Path:
-    """Write the tiny model to ``path`` (with ``meta`` or :func:`tiny_meta`'s default) and return it."""
+                    with_metadata: bool = True, conv_bias: bool = False) -> Path:
+    """Write the tiny model to ``path`` (with ``meta`` or :func:`tiny_meta`'s default) and return it.
+
+    conv_bias: give the convolutions a bias input, as real CNN exports have (BatchNorm folded).
+    """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -53,7 +56,11 @@ def make_tiny_model(path: str | Path, *, meta: ModelMeta | None = None, seed: in
             w = rng.standard_normal((c, prev_c, 1, 1)) / np.sqrt(prev_c)
             attrs = {"kernel_shape": [1, 1]}
         inits.append(numpy_helper.from_array(w.astype(np.float32), f"w{i}"))
-        nodes.append(helper.make_node("Conv", [prev, f"w{i}"], [f"conv{i}"], **attrs))
+        conv_inputs = [prev, f"w{i}"]
+        if conv_bias:
+            inits.append(numpy_helper.from_array((0.1 * rng.standard_normal(c)).astype(np.float32), f"b{i}"))
+            conv_inputs.append(f"b{i}")
+        nodes.append(helper.make_node("Conv", conv_inputs, [f"conv{i}"], **attrs))
         fmap = f"conv{i}"
         if i > 0:
             nodes.append(helper.make_node("Tanh", [f"conv{i}"], [f"act{i}"]))

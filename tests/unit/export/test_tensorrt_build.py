@@ -99,6 +99,13 @@ def fake_tensorrt(version: str, rec: Recorder, *, plan: bytes | None = b"PLAN", 
 
         def parse_from_file(self, path: str) -> bool:
             model = onnx.load(path)
+            # TensorRT's parser: DequantizeLinear of int8 only (ORT's int32 biases are refused)
+            inits = {i.name: i.data_type for i in model.graph.initializer}
+            for n in model.graph.node:
+                if n.op_type == "DequantizeLinear" and inits.get(n.input[0], onnx.TensorProto.INT8) != onnx.TensorProto.INT8:
+                    self.num_errors = 1
+                    self._error = f"DequantizeLinear {n.name}: unsupported input type {inits[n.input[0]]}"
+                    return False
             rec.parsed.append({
                 "qdq": any(n.op_type in build.QDQ_OPS for n in model.graph.node),
                 "weights": {i.data_type for i in model.graph.initializer if len(i.dims) > 1},
@@ -107,7 +114,8 @@ def fake_tensorrt(version: str, rec: Recorder, *, plan: bytes | None = b"PLAN", 
             return parse_ok
 
         def get_error(self, i: int):
-            return types.SimpleNamespace(desc=lambda: "Unsupported ONNX op 'Frobnicate'")
+            message = getattr(self, "_error", "Unsupported ONNX op 'Frobnicate'")
+            return types.SimpleNamespace(desc=lambda: message)
 
     flags = types.SimpleNamespace(STRONGLY_TYPED=5)
     return types.SimpleNamespace(__version__=version, Logger=type("Logger", (), {"WARNING": 2, "__init__": lambda s, l: None}),
@@ -189,6 +197,16 @@ def test_int8_from_calibration_images_parses_a_q_dq_graph(tmp_path, tiny, simula
     assert side["precision"] == "int8" and side["precision_source"] == "onnxruntime-trt"
 
 
+def test_int8_of_a_cnn_with_biases_gives_a_graph_tensorrt_parses(tmp_path, simulated):
+    """Conv biases (every BatchNorm-folded CNN has them) stay float: ORT would quantize them to an
+    int32 DequantizeLinear, which TensorRT's parser refuses (the simulated parser does too)."""
+    biased = make_tiny_model(tmp_path / "biased.onnx", meta=tiny_meta(image_size=64), conv_bias=True)
+    rec = simulated()
+    build.build_engine(biased, tmp_path / "b.engine", read_meta(biased), precision="int8", calib_dir=SAMPLE,
+                       quantizer="ort", num_calib=8, timing_cache=tmp_path / "t.cache")
+    assert rec.parsed[0]["qdq"]
+
+
 def test_int8_from_a_q_dq_model_builds_it_as_given(tmp_path, tiny, simulated):
     qdq = tmp_path / "tiny.qdq.onnx"
     build.quantize_for_tensorrt(tiny, qdq, read_meta(tiny), SAMPLE, quantizer="ort", num=8)
@@ -254,6 +272,7 @@ def test_from_onnx_takes_a_q_dq_model_as_int8_and_out_names_the_engine(tmp_path,
     (["--format", "engine", "--from-onnx", "{bare}"], "no musc-edge metadata"),
     (["--format", "engine", "--from-onnx", "{tiny}", "--precision", "int8"], "no Q/DQ nodes: INT8 needs calibration"),
     (["--format", "engine", "--from-onnx", "{tiny}", "--quantizer", "ort"], "--quantizer chooses who calibrates"),
+    (["--format", "engine", "--from-onnx", "{tiny}", "--opset", "18"], "--opset shape a new export"),
 ])
 def test_from_onnx_bad_use_is_one_line(tmp_path, tiny, simulated, capsys, args, message):
     rec = simulated()
@@ -297,3 +316,13 @@ def test_a_cuda_query_failure_after_the_build_leaves_the_old_engine_and_sidecar(
     assert engine.read_bytes() == b"old plan"  # the pair stays consistent
     assert runner.read_sidecar(engine)["tensorrt_version"] == "10.0.0"
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_from_onnx_without_onnx_names_the_module_not_tensorrt(tmp_path, tiny, simulated, monkeypatch, capsys):
+    import sys
+
+    simulated()
+    monkeypatch.setitem(sys.modules, "onnx", None)  # a target with tensorrt but without the onnx package
+    assert run_cli("--format", "engine", "--from-onnx", str(tiny)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs the module 'onnx'" in err[0] and "musc-edge[gpu,trt]" in err[0], err
