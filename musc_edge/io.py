@@ -256,6 +256,13 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process umask (read by setting it and putting it back: there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes, *, fsync: bool = False) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder and a rename.
 
@@ -269,6 +276,8 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, fsync: bool = False) ->
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: give open()'s usual mode (another
+            # user, e.g. the service running `watch`, must read an engine or results written here)
             f.write(data)
             if fsync:
                 f.flush()

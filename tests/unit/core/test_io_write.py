@@ -46,3 +46,18 @@ def test_failed_write_keeps_the_old_content(tmp_path, monkeypatch) -> None:
     with pytest.raises(OSError):
         mio.atomic_write_bytes(path, b"new", fsync=True)
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+
+
+def test_written_files_get_the_usual_permissions_not_mkstemps_0600(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        mio.atomic_write_bytes(tmp_path / "a.bin", b"x")
+        os.umask(0o077)
+        mio.atomic_write_bytes(tmp_path / "b.bin", b"x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.bin").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "b.bin").stat().st_mode) == 0o600  # a stricter umask is honoured
