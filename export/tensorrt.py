@@ -313,6 +313,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, meta: ModelMeta
     cudart = import_cudart()
     cache_path = Path(timing_cache) if timing_cache else default_timing_cache()
     engine_path.parent.mkdir(parents=True, exist_ok=True)
+    cuda = cuda_info(cudart)  # before the build, which takes minutes: no GPU or driver fails here, at once
     with tempfile.TemporaryDirectory(prefix="musc-edge-trt-") as tmp:
         graph, how = onnx_path, "as exported"
         if precision == "fp16":
@@ -324,7 +325,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, meta: ModelMeta
             how = "Q/DQ model as given"
         plan = _build(trt, graph, meta, max_batch, cache_path, workspace_gib)
     facts = build_facts(trt.__version__, precision, max_batch, how, onnx_path, cache_path)
-    facts.update(cuda_info(cudart))  # before writing: a failure here must not leave a new engine beside an old sidecar
+    facts.update(cuda)
     atomic_write_bytes(engine_path, plan)
     write_sidecar(engine_path, meta, facts)
     log.info("built %s (%s, batch 1..%d, TensorRT %s)", engine_path, precision, max_batch, trt.__version__)

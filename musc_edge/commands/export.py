@@ -135,9 +135,10 @@ def _engine_from_onnx(onnx_path: Path, out: Path | None, fmt: str, precision: st
     if fmt != "engine":
         raise InputError("--from-onnx builds a TensorRT engine: add --format engine")
     given = [flag for flag, value in export_flags.items() if value is not None]
-    source = click.get_current_context().get_parameter_source("backbone")
-    if source is click.core.ParameterSource.COMMANDLINE:
-        given.insert(0, "--backbone")
+    ctx = click.get_current_context()
+    for flag, param in (("--opset", "opset"), ("--backbone", "backbone")):
+        if ctx.get_parameter_source(param) is click.core.ParameterSource.COMMANDLINE:
+            given.insert(0, flag)
     if given:
         raise InputError(f"{', '.join(given)} shape a new export; with --from-onnx the ONNX file already fixes them")
     if onnx_path.suffix.lower() != ".onnx" or not onnx_path.is_file():
@@ -149,7 +150,10 @@ def _engine_from_onnx(onnx_path: Path, out: Path | None, fmt: str, precision: st
     if precision is None:
         from musc_edge.export.tensorrt import has_qdq
 
-        precision = "int8" if has_qdq(onnx_path) else "fp16"  # a calibrated Q/DQ model is INT8 by construction
+        try:
+            precision = "int8" if has_qdq(onnx_path) else "fp16"  # a calibrated Q/DQ model is INT8 by construction
+        except ImportError as e:
+            raise DeviceError(_missing_for_engine(e)) from None
     engine = _build_engine(onnx_path, meta, precision, calib_dir, max_batch or 8, engine_path=out,
                            quantizer=quantizer)
     click.echo(f"wrote {engine} ({precision}, batch 1..{max_batch or 8})")
@@ -158,15 +162,19 @@ def _engine_from_onnx(onnx_path: Path, out: Path | None, fmt: str, precision: st
 def _build_engine(onnx_path: Path, meta, precision: str, calib_dir: Path | None, max_batch: int,
                   engine_path: Path | None = None, quantizer: str = "auto") -> Path:
     """Hand the ONNX file to the TensorRT builder (issue 5), imported only here."""
-    hint = "TensorRT is not installed: pip install 'musc-edge[trt]' on an NVIDIA machine, or use --format onnx"
     try:
         from musc_edge.export.tensorrt import build_engine
-    except ImportError:
-        raise DeviceError(hint) from None
-    engine_path = engine_path or onnx_path.with_suffix(".engine")
-    try:
+
+        engine_path = engine_path or onnx_path.with_suffix(".engine")
         result = build_engine(onnx_path, engine_path, meta, precision=precision, calib_dir=calib_dir,
                               max_batch=max_batch, quantizer=quantizer)
-    except ImportError:
-        raise DeviceError(hint) from None
+    except ImportError as e:
+        raise DeviceError(_missing_for_engine(e)) from None
     return Path(result) if isinstance(result, (str, Path)) else engine_path
+
+
+def _missing_for_engine(e: ImportError) -> str:
+    """One line naming the module an engine build lacks (tensorrt, cuda-python, onnx, onnxruntime)."""
+    return (f"building a TensorRT engine needs the module {e.name or str(e)!r}, which is not installed here: "
+            "pip install 'musc-edge[gpu,trt]' on the NVIDIA machine (tensorrt, cuda-python, onnx, onnxruntime-gpu), "
+            "or use --format onnx")

@@ -33,6 +33,7 @@ from .base import Backend
 log = logging.getLogger(__name__)
 
 SIDECAR_VERSION_KEY = "tensorrt_version"
+CUDA_ERROR_INSUFFICIENT_DRIVER = 35  # cudaErrorInsufficientDriver
 INSTALL_HINT = "pip install 'musc-edge[trt]' (tensorrt and cuda-python) on a machine with an NVIDIA GPU"
 
 
@@ -127,8 +128,11 @@ def cuda_call(result: Any, what: str) -> Any:
     code = int(getattr(err, "value", err))
     if code != 0:
         name = getattr(err, "name", str(err))
-        raise DeviceError(f"CUDA {what} failed: {name} ({code}); check the NVIDIA driver and that a GPU is visible "
-                          "(nvidia-smi)")
+        hint = "check the NVIDIA driver and that a GPU is visible (nvidia-smi)"
+        if code == CUDA_ERROR_INSUFFICIENT_DRIVER:
+            hint = ("no NVIDIA driver, or one older than this cuda-python's CUDA: install cuda-python of the "
+                    "driver's CUDA major (nvidia-smi shows it; e.g. 'cuda-python>=12.6,<13' for CUDA 12)")
+        raise DeviceError(f"CUDA {what} failed: {name} ({code}); {hint}")
     if not values:
         return None
     return values[0] if len(values) == 1 else tuple(values)

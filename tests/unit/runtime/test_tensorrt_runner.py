@@ -347,7 +347,7 @@ def test_the_runner_calls_cuda_python_with_argument_types_it_accepts(tmp_path, m
 
 def test_no_gpu_gives_one_line_device_errors_from_the_real_cuda_python(tmp_path, meta, monkeypatch):
     real = _real_cudart_without_gpu()
-    with pytest.raises(DeviceError, match=r"^CUDA cudaGetDeviceProperties failed: cudaError\w+ \(\d+\); check the NVIDIA"):
+    with pytest.raises(DeviceError, match=r"^CUDA cudaGetDeviceProperties failed: cudaError\w+ \(\d+\); (check the|no) NVIDIA driver"):
         runner.cuda_info(real)
     monkeypatch.setattr(runner, "import_tensorrt", lambda: fake_tensorrt(FakeEngine(meta, max_batch=2)))
     monkeypatch.setattr(runner, "import_cudart", lambda: real)
