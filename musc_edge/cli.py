@@ -64,9 +64,9 @@ class LazyGroup(click.Group):
 
 def _install_hint(name: str) -> str:
     return {
-        "export": "pip install 'musc-edge[export]'",
-        "calibrate": "pip install 'musc-edge[calib]'",
-    }.get(name, "pip install musc-edge")
+        "export": "pip install 'musc-edge[cpu,export]'",
+        "calibrate": "pip install 'musc-edge[cpu,calib]'",
+    }.get(name, "pip install 'musc-edge[cpu]' (or [gpu])")
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -60,6 +60,11 @@ def import_onnxruntime():
     try:
         import onnxruntime as ort
     except ImportError as e:
+        present = installed_ort_packages()
+        if present:  # installed, but the import fails: typically two packages overwrote each other
+            raise DeviceError(f"ONNX Runtime is installed ({', '.join(present)}) but cannot be imported ({e}); "
+                              f"reinstall exactly one: pip uninstall -y {' '.join(present)} && pip install "
+                              f"{'onnxruntime-gpu' if 'onnxruntime-gpu' in present else present[0]}") from None
         raise DeviceError(f"ONNX Runtime is not installed ({e.name or e} is not importable): {ORT_INSTALL_HINT}") from None
     if not _clash_checked:
         _clash_checked = True

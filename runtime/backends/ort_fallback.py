@@ -50,13 +50,17 @@ def check_providers(device: str, requested: Sequence[str], loaded: Sequence[str]
     cause = next((c for c in (likely_cause(ort_log, p) for p in reversed(missing)) if c), None)
     because = f" ({cause})" if cause else ""
     needs = _requirement(ort_log)
-    install = ("install TensorRT and " if wanted == TENSORRT else "install ") + \
-        f"the NVIDIA driver, CUDA and cuDNN that this onnxruntime-gpu needs{f' ({needs})' if needs else ''}"
+    if wanted == TENSORRT and CUDA in loaded:  # the GPU works; only TensorRT's libraries are missing
+        install = "install the TensorRT libraries this onnxruntime-gpu was built with"
+    else:
+        install = ("install TensorRT and " if wanted == TENSORRT else "install ") + \
+            f"the NVIDIA driver, CUDA and cuDNN that this onnxruntime-gpu needs{f' ({needs})' if needs else ''}"
     name = (device or "auto").strip().lower()
     if name == "auto":
         slower = " (much slower)" if running == CPU else ""
+        goal = "To use TensorRT" if running == CUDA else "To use the GPU"
         return (f"--device auto: {ort} could not start {' or '.join(missing)}{because}; running on "
-                f"{running}{slower}. To use the GPU, {install}; pass --device {_DEVICE_OF.get(running, 'cpu')} "
+                f"{running}{slower}. {goal}, {install}; pass --device {_DEVICE_OF.get(running, 'cpu')} "
                 "to run there without this warning")
     alternative = "cuda or cpu" if CUDA in loaded else "cpu"
     raise DeviceError(f"--device {'cuda' if name == 'gpu' else name} asked {ort} for {wanted}, but it loaded "
@@ -119,7 +123,9 @@ class OrtOutput:
     level (its C++ logger writes there directly) and Python's ``sys.stdout`` (its "EP Error" banner).
 
     Used only around session creation with a GPU provider; afterwards :meth:`replay` writes it back,
-    optionally without ORT's own lines once they have been summarised in one message.
+    optionally without ORT's own lines once they have been summarised in one message. The capture
+    is process-wide (fd 2 and ``sys.stdout``): what another thread prints meanwhile is held back
+    and replayed with it, so nothing is lost, only delayed.
     """
 
     def __init__(self, enabled: bool = True) -> None:

@@ -19,7 +19,12 @@ SAMPLE = Path(__file__).resolve().parents[3] / "examples" / "mtd_sample" / "magn
 
 def test_missing_onnxruntime_names_the_extras(tmp_path, monkeypatch, capsys):
     model = make_tiny_model(tmp_path / "tiny.onnx")
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if neither package were installed
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # the import fails...
+    # ...with a package installed: a broken install, typically two packages over one folder
+    with pytest.raises(DeviceError, match=r"ONNX Runtime is installed \(onnxruntime\) but cannot be imported.*"
+                                          r"pip uninstall -y onnxruntime && pip install onnxruntime$"):
+        load_model(model, "cpu")
+    monkeypatch.setattr(ort_backend, "installed_ort_packages", lambda: [])  # ...with nothing installed
     with pytest.raises(DeviceError, match=r"ONNX Runtime is not installed.*musc-edge\[cpu\].*musc-edge\[gpu\]"):
         load_model(model, "cpu")
     from musc_edge.cli import main

@@ -91,7 +91,7 @@ def test_explicit_tensorrt_is_an_error_even_when_cuda_loaded():
         check_providers("tensorrt", [TRT, CUDA, CPU], [CUDA, CPU], ort_log=BANNER + TRT_LIB_LINE)
     text = str(info.value)
     assert "for TensorrtExecutionProvider, but it loaded only CUDAExecutionProvider, CPUExecutionProvider" in text
-    assert "(libcublas.so.13: cannot open shared object file" in text and "install TensorRT and" in text
+    assert "(libcublas.so.13: cannot open shared object file" in text and "install the TensorRT libraries this onnxruntime-gpu was built with" in text
     assert text.endswith("or use --device cuda or cpu")
 
 
@@ -100,6 +100,7 @@ def test_auto_warns_and_names_what_runs():
     assert warning is not None and "\n" not in warning
     assert "could not start TensorrtExecutionProvider (libcublas.so.13" in warning
     assert "running on CUDAExecutionProvider." in warning and "slower" not in warning
+    assert "To use TensorRT, install the TensorRT libraries" in warning  # the GPU itself works
     assert warning.endswith("pass --device cuda to run there without this warning")
 
 
