@@ -18,7 +18,7 @@ way on both versions: the precision lives *in the ONNX graph* and the network is
     and Softmax included, stays FP32), or with ``quantizer="modelopt"`` by NVIDIA ModelOpt's ONNX
     PTQ (it places Q/DQ by TensorRT's rules; the rest is cast to FP16 except :data:`FP32_OPS`).
     ``auto`` is our mode because it was the more accurate of the two where both were measured
-    (EfficientNet-Lite0, Q/DQ simulated on the CPU: cosine 0.978 / 0.967 / 0.915 against
+    (EfficientNet-Lite0, Q/DQ simulated on the CPU: cosine 0.978 / 0.967 / 0.912 against
     ModelOpt 0.47's 0.936 / 0.894 / 0.844; docs/int8_tensorrt.md); no engine has been compared yet.
 ``fp32``
     The graph as exported (a reference engine for parity checks).
