@@ -110,8 +110,9 @@ def test_int8_engine_from_calibration_images(effnet_onnx):
     x = _batch(meta, 4)
     with load_model(effnet_onnx, "cpu") as ref, load_model(engine) as eng:
         cos = _cosines(ref(x), eng(x))
-    # a sanity floor (INT8 error is model-dependent; see docs/int8_tensorrt.md), not the FP16 parity bar
-    assert all(np.isfinite(v) and v >= 0.5 for v in cos.values()), cos
+    # simulated on the CPU this Q/DQ graph reached 0.91-0.98 against FP32 (docs/int8_tensorrt.md); the
+    # engine's own parity with its graph is the next test's 0.99
+    assert all(np.isfinite(v) and v >= 0.85 for v in cos.values()), cos
     print("INT8 engine cosine vs FP32:", cos)  # the figure for docs/int8_tensorrt.md
 
 
