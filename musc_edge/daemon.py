@@ -43,6 +43,10 @@ class Extractor(Protocol):
     def __call__(self, batch: np.ndarray) -> Features: ...
 
 
+#: Images the pool must hold before anything is reported, unless --min-pool says otherwise (capped at
+#: the pool's size, so a small --window works without also lowering --min-pool).
+DEFAULT_MIN_POOL = 8
+
 @dataclass(frozen=True)
 class WatchConfig:
     """Settings of one watch run; the CLI flags of ``musc-edge watch`` map onto these fields."""
@@ -51,7 +55,7 @@ class WatchConfig:
     out_dir: Path
     window: int = 32
     delay: int = 0
-    min_pool: int = 8
+    min_pool: int | None = None  # None: min(DEFAULT_MIN_POOL, window + references)
     reference: Path | None = None
     threshold: float | None = None
     heatmaps: bool = False
@@ -100,7 +104,9 @@ class WatchDaemon:
             raise InputError(f"watch folder not found: {folder}; create it or fix the path")
         self.references = reference_images(self.config.reference) if self.config.reference is not None else []
         _check_reference_outside(config.folder, config.reference, config.recursive)
-        check_stream_settings(config.window, config.delay, config.min_pool, len(self.references))
+        pool_max = config.window + len(self.references)
+        self.min_pool = config.min_pool if config.min_pool is not None else min(DEFAULT_MIN_POOL, pool_max)
+        check_stream_settings(config.window, config.delay, self.min_pool, len(self.references))
         self.settings = self._settings([str(p.resolve()) for p in self.references])
 
     # ------------------------------------------------------------------------------------ setup
@@ -112,7 +118,7 @@ class WatchDaemon:
     def _new_scorer(self, n_references: int) -> RollingScorer:
         c, m = self.config, self.meta
         return RollingScorer(m.grid, m.token_dims, m.embed_dim, capacity=c.window, delay=c.delay,
-                             min_pool=c.min_pool, n_references=n_references, r_list=c.r_list,
+                             min_pool=self.min_pool, n_references=n_references, r_list=c.r_list,
                              interval=c.interval, k_list=c.k_list)
 
     def _open(self, state: StateDir) -> None:

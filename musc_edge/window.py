@@ -282,6 +282,9 @@ def check_stream_settings(capacity: int, delay: int, min_pool: int, n_references
     if not 0 <= delay < capacity:
         raise InputError(f"--delay must be in [0, window) = [0, {capacity}), got {delay}")
     pool_max = capacity + n_references
+    if pool_max < 2:
+        raise InputError(f"--window {capacity} with no reference image leaves a pool of one: MuSc scores an image "
+                         "against other images, so use --window 2 or more, or add --reference DIR")
     if not 2 <= min_pool <= pool_max:
         raise InputError(f"--min-pool must be in [2, window + references] = [2, {pool_max}], got {min_pool}")
 

@@ -17,8 +17,9 @@ from musc_edge.options import device_option, heatmaps_option, k_option, model_op
               help="Stream images in the rolling pool (W); each new image costs W pair products.")
 @click.option("--delay", default=0, show_default=True, type=click.IntRange(0),
               help="Report an image once D newer images have arrived (0: at once; D < W).")
-@click.option("--min-pool", "min_pool", default=8, show_default=True, type=click.IntRange(2),
-              help="Report nothing until the pool (references included) holds this many images.")
+@click.option("--min-pool", "min_pool", default=None, type=click.IntRange(2),
+              help="Report nothing until the pool (references included) holds this many images "
+                   "[default: 8, or the pool's size if smaller].")
 @click.option("--reference", type=click.Path(file_okay=False, exists=True, path_type=Path),
               help="Folder of known-good images that seed the pool and never leave it.")
 @click.option("--threshold", type=float, default=None,
@@ -37,7 +38,7 @@ from musc_edge.options import device_option, heatmaps_option, k_option, model_op
 @r_option
 @k_option
 @device_option
-def watch(folder: Path, model_path: Path, out_dir: Path, window: int, delay: int, min_pool: int,
+def watch(folder: Path, model_path: Path, out_dir: Path, window: int, delay: int, min_pool: int | None,
           reference: Path | None, threshold: float | None, heatmaps: bool, poll: bool, poll_interval: float,
           new_only: bool, recursive: bool, stable_s: float, batch: int, r_list: tuple[int, ...],
           k_list: tuple[int, ...], device: str) -> None:

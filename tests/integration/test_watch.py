@@ -237,6 +237,16 @@ def test_cli_messages_for_bad_settings(tmp_path, model, capsys) -> None:
     assert main(["watch", str(tmp_path / "missing"), "--model", str(model.path),
                  "--out", str(tmp_path / "out")]) == 2
     assert "watch folder not found" in capsys.readouterr().err
+    assert main(base + ["--window", "1"]) == 2
+    assert "leaves a pool of one" in capsys.readouterr().err
+
+
+def test_a_small_window_needs_no_min_pool_of_its_own(tmp_path, model) -> None:
+    """--min-pool defaults to 8 capped at the pool's size: `watch --window 4` alone just works."""
+    daemon = WatchDaemon(config(tmp_path, window=4, min_pool=None), model)
+    assert daemon.min_pool == 4
+    assert WatchDaemon(config(tmp_path, window=32, min_pool=None), model).min_pool == 8
+    assert WatchDaemon(config(tmp_path, window=4, min_pool=3), model).min_pool == 3
 
 
 def test_reference_folder_inside_the_watched_folder_is_refused(tmp_path, model, capsys) -> None:
