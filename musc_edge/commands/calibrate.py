@@ -46,6 +46,12 @@ def calibrate(model_path: Path, images: Path, out_path: Path, mode: str | None, 
 
     Example: musc-edge calibrate --model vit_b16.onnx --images line/ --out vit_b16.int8.onnx
     """
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:  # name both at once: [calib] alone brings onnx, not ONNX Runtime
+        raise MuscEdgeError(f"`musc-edge calibrate` needs {' and '.join(missing)}, not installed here: pip install "
+                            "'musc-edge[cpu,calib]' (or [gpu,calib])")
     try:
         from musc_edge.calibration.calibrate import calibrate_folder
     except ImportError as e:  # the lean install has neither onnx nor, without [cpu]/[gpu], onnxruntime

@@ -145,6 +145,7 @@ def _engine_from_onnx(onnx_path: Path, out: Path | None, fmt: str, precision: st
         raise InputError(f"--from-onnx {onnx_path}: not an existing .onnx file")
     if out is not None and out.suffix.lower() == ".onnx":
         raise InputError(f"--out {out}: with --from-onnx, --out names the engine (FILE.engine)")
+    _require_engine_stack()
     meta = read_meta(onnx_path)  # one-line ModelError for a file without musc-edge metadata
     warn_if_random(meta, onnx_path)
     if precision is None:
@@ -171,6 +172,30 @@ def _build_engine(onnx_path: Path, meta, precision: str, calib_dir: Path | None,
     except ImportError as e:
         raise DeviceError(_missing_for_engine(e)) from None
     return Path(result) if isinstance(result, (str, Path)) else engine_path
+
+
+def _require_engine_stack() -> None:
+    """One line naming every package an engine build on this machine lacks, before any work."""
+    import importlib.util
+
+    from musc_edge.export import tensorrt as trt_build
+
+    missing = []
+    for name, importer in (("tensorrt", trt_build.import_tensorrt), ("cuda-python", trt_build.import_cudart)):
+        try:
+            importer()
+        except DeviceError:
+            missing.append(name)
+    for name, module in (("onnx", "onnx"), ("onnxruntime-gpu", "onnxruntime")):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # ValueError: stubbed out in sys.modules
+            found = False
+        if not found:
+            missing.append(name)
+    if missing:
+        raise DeviceError(f"building a TensorRT engine needs {', '.join(missing)}, not installed here: "
+                          "pip install 'musc-edge[gpu,trt]' on the NVIDIA machine, or use --format onnx")
 
 
 def _missing_for_engine(e: ImportError) -> str:

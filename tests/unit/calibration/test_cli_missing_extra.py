@@ -23,4 +23,4 @@ def test_calibrate_without_onnx_names_the_extra(tmp_path):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr
-    assert "musc-edge[calib]" in lines[0] and "'onnx'" in lines[0]
+    assert "musc-edge[cpu,calib]" in lines[0] and "needs onnx," in lines[0]

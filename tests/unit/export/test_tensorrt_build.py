@@ -325,4 +325,16 @@ def test_from_onnx_without_onnx_names_the_module_not_tensorrt(tmp_path, tiny, si
     monkeypatch.setitem(sys.modules, "onnx", None)  # a target with tensorrt but without the onnx package
     assert run_cli("--format", "engine", "--from-onnx", str(tiny)) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "needs the module 'onnx'" in err[0] and "musc-edge[gpu,trt]" in err[0], err
+    assert len(err) == 1 and "needs onnx, not installed" in err[0] and "musc-edge[gpu,trt]" in err[0], err
+
+
+def test_from_onnx_on_a_box_without_the_engine_stack_names_all_that_is_missing(tmp_path, tiny, monkeypatch, capsys):
+    import sys
+
+    for mod in ("tensorrt", "onnxruntime"):
+        monkeypatch.setitem(sys.modules, mod, None)
+    monkeypatch.setattr(build, "import_cudart", lambda: (_ for _ in ()).throw(runner.DeviceError("no cuda-python")))
+    assert run_cli("--format", "engine", "--from-onnx", str(tiny)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: building a TensorRT engine needs tensorrt, cuda-python, onnxruntime-gpu, not installed "
+                   "here: pip install 'musc-edge[gpu,trt]' on the NVIDIA machine, or use --format onnx"]
