@@ -155,13 +155,13 @@ def main(argv: list[str] | None = None) -> int:
         batch, _ = load_batch(eval_paths[:args.batch], meta)
         secs = timed({k: m for k, m in models.items() if k != "trt"}, batch, args.repeats)
         out["models"]["fp32"] = {"bytes": Path(fp32_path).stat().st_size}
-        if "trt" in models:
-            out["models"]["trt"].update(images_per_s=None, ratio_to_fp32=None,
-                                        execution="simulated Q/DQ (for TensorRT); CPU speed not measured")
-        for k in list(secs) + (["trt"] if "trt" in models else []):
+        for k in models:
             row = out["models"][k]
             if k in secs:
                 row.update(images_per_s=round(args.batch / secs[k], 3), ratio_to_fp32=round(secs["fp32"] / secs[k], 3))
+            else:
+                row.update(images_per_s=None, ratio_to_fp32=None,
+                           execution="simulated Q/DQ (for TensorRT); CPU speed not measured")
             row["bytes"] = Path(paths[k]).stat().st_size
             if k != "fp32":
                 spread = eval_paths[::max(1, len(eval_paths) // 16)][:16]  # every defect type, not the first 16

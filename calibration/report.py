@@ -36,7 +36,7 @@ from musc_edge import __version__
 from musc_edge.batch import batch_score_step, evaluate
 from musc_edge.errors import InputError
 from musc_edge.io import Dataset, Sample, write_json
-from musc_edge.runtime.model import FeatureExtractor, load_model, read_meta
+from musc_edge.runtime.model import FeatureExtractor, load_model
 
 from .reader import ImageSplit, load_batch
 
@@ -147,12 +147,9 @@ def open_simulated(path: str | Path, threads: int | None = None) -> FeatureExtra
     Without optimisations ORT does not fuse DequantizeLinear -> Conv -> QuantizeLinear into its
     int8 kernels: each Q/DQ pair quantizes and dequantizes in float and the Conv/MatMul run FP32.
     """
-    from musc_edge.runtime.backends.onnxruntime import CPU, OnnxRuntimeBackend, open_session
-
-    session = open_session(path, ((CPU, {}),), threads=threads, optimize=False)
-    backend = OnnxRuntimeBackend(path, read_meta(path), session)
-    backend.description += " (Q/DQ simulated in float, graph optimisations off)"
-    return FeatureExtractor(backend, path)
+    model = load_model(path, "cpu", threads=threads, optimize=False)
+    model.backend.description += " (Q/DQ simulated in float, graph optimisations off)"
+    return model
 
 
 def build_report(fp32_path: str | Path, int8_path: str | Path, split: ImageSplit, quantization: dict, *,

@@ -117,7 +117,8 @@ def load_model(path: str | Path, device: str = "auto", **opts: Any) -> FeatureEx
     """Load an ONNX model (ONNX Runtime) or a ``.engine`` (TensorRT) with its metadata checked.
 
     opts for ONNX Runtime: ``threads`` (intra-op threads, 0 = all cores), ``trt_cache_dir``,
-    ``trt_fp16``. Other opts go to the TensorRT backend for engines. An explicit ``cuda``/``tensorrt``
+    ``trt_fp16``, ``optimize`` (False: ORT graph optimisations off, e.g. to run a Q/DQ model as
+    simulated quantization). Other opts go to the TensorRT backend for engines. An explicit ``cuda``/``tensorrt``
     whose provider ONNX Runtime could not start is a DeviceError, not a silent run on the CPU.
     """
     path = Path(path)
@@ -132,14 +133,14 @@ def load_model(path: str | Path, device: str = "auto", **opts: Any) -> FeatureEx
 
 
 def _load_onnx(path: Path, device: str, *, threads: int | None = None, trt_cache_dir: str | Path | None = None,
-               trt_fp16: bool = False) -> Backend:
+               trt_fp16: bool = False, optimize: bool = True) -> Backend:
     from .backends.onnxruntime import OnnxRuntimeBackend, import_onnxruntime, open_session, resolve_providers
 
     ort = import_onnxruntime()
 
     providers = resolve_providers(device, ort.get_available_providers(), trt_cache_dir=trt_cache_dir,
                                   trt_fp16=trt_fp16)
-    session = open_session(path, providers, threads=threads, device=device)
+    session = open_session(path, providers, threads=threads, optimize=optimize, device=device)
     meta = _session_meta(session, path)
     check_session(session, meta, path)
     return OnnxRuntimeBackend(path, meta, session)

@@ -46,19 +46,17 @@ def calibrate(model_path: Path, images: Path, out_path: Path, mode: str | None, 
 
     Example: musc-edge calibrate --model vit_b16.onnx --images line/ --out vit_b16.int8.onnx
     """
-    import importlib.util
+    from musc_edge.commands import missing_modules
 
-    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    missing = missing_modules("onnx", "onnxruntime")
     if missing:  # name both at once: [calib] alone brings onnx, not ONNX Runtime
         raise MuscEdgeError(f"`musc-edge calibrate` needs {' and '.join(missing)}, not installed here: pip install "
                             "'musc-edge[cpu,calib]' (or [gpu,calib])")
     try:
         from musc_edge.calibration.calibrate import calibrate_folder
-    except ImportError as e:  # the lean install has neither onnx nor, without [cpu]/[gpu], onnxruntime
-        extras = "'musc-edge[cpu,calib]' (or [gpu,calib])" if (e.name or "").startswith("onnxruntime") \
-            else "'musc-edge[calib]'"
+    except ImportError as e:  # a module below onnx/onnxruntime (checked above) is broken or missing
         raise MuscEdgeError(f"`musc-edge calibrate` needs the module {e.name or str(e)!r}, which is not "
-                            f"installed: pip install {extras}") from None
+                            "installed: pip install 'musc-edge[cpu,calib]' (or [gpu,calib])") from None
 
     run = calibrate_folder(model_path, images, out_path, mode=mode, method=method, num=num, holdout=holdout,
                            batch=batch, cache=cache, report=not no_report, musc=not no_musc,

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from musc_edge.errors import DeviceError, InputError, MuscEdgeError
+from musc_edge.commands import missing_modules
 from musc_edge.export import backbones
 from musc_edge.options import parse_int_list
 
@@ -117,10 +118,8 @@ def export(backbone: str, weights: str | None, image_size: int | None, layers: s
 
 def _require_export_stack(family: str) -> None:
     """One line naming the extra when torch / onnx / open_clip are missing (not a traceback)."""
-    import importlib.util
-
     needed = ["torch", "onnx", "onnxruntime"] + (["open_clip"] if family == "clip" else [])
-    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    missing = missing_modules(*needed)
     if missing:
         extras = "cpu,export" if "onnxruntime" in missing else "export"  # ORT: [cpu] or [gpu], never both
         raise MuscEdgeError(f"`musc-edge export` needs {', '.join(missing)}, not installed here: "
@@ -151,10 +150,7 @@ def _engine_from_onnx(onnx_path: Path, out: Path | None, fmt: str, precision: st
     if precision is None:
         from musc_edge.export.tensorrt import has_qdq
 
-        try:
-            precision = "int8" if has_qdq(onnx_path) else "fp16"  # a calibrated Q/DQ model is INT8 by construction
-        except ImportError as e:
-            raise DeviceError(_missing_for_engine(e)) from None
+        precision = "int8" if has_qdq(onnx_path) else "fp16"  # a calibrated Q/DQ model is INT8 by construction
     engine = _build_engine(onnx_path, meta, precision, calib_dir, max_batch or 8, engine_path=out,
                            quantizer=quantizer)
     click.echo(f"wrote {engine} ({precision}, batch 1..{max_batch or 8})")
@@ -169,15 +165,13 @@ def _build_engine(onnx_path: Path, meta, precision: str, calib_dir: Path | None,
         engine_path = engine_path or onnx_path.with_suffix(".engine")
         result = build_engine(onnx_path, engine_path, meta, precision=precision, calib_dir=calib_dir,
                               max_batch=max_batch, quantizer=quantizer)
-    except ImportError as e:
-        raise DeviceError(_missing_for_engine(e)) from None
+    except ImportError as e:  # onnx or onnxruntime, which the export path has not checked
+        raise _engine_stack_error([e.name or str(e)]) from None
     return Path(result) if isinstance(result, (str, Path)) else engine_path
 
 
 def _require_engine_stack() -> None:
     """One line naming every package an engine build on this machine lacks, before any work."""
-    import importlib.util
-
     from musc_edge.export import tensorrt as trt_build
 
     missing = []
@@ -186,20 +180,11 @@ def _require_engine_stack() -> None:
             importer()
         except DeviceError:
             missing.append(name)
-    for name, module in (("onnx", "onnx"), ("onnxruntime-gpu", "onnxruntime")):
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except (ImportError, ValueError):  # ValueError: stubbed out in sys.modules
-            found = False
-        if not found:
-            missing.append(name)
+    missing += [{"onnxruntime": "onnxruntime-gpu"}.get(m, m) for m in missing_modules("onnx", "onnxruntime")]
     if missing:
-        raise DeviceError(f"building a TensorRT engine needs {', '.join(missing)}, not installed here: "
-                          "pip install 'musc-edge[gpu,trt]' on the NVIDIA machine, or use --format onnx")
+        raise _engine_stack_error(missing)
 
 
-def _missing_for_engine(e: ImportError) -> str:
-    """One line naming the module an engine build lacks (tensorrt, cuda-python, onnx, onnxruntime)."""
-    return (f"building a TensorRT engine needs the module {e.name or str(e)!r}, which is not installed here: "
-            "pip install 'musc-edge[gpu,trt]' on the NVIDIA machine (tensorrt, cuda-python, onnx, onnxruntime-gpu), "
-            "or use --format onnx")
+def _engine_stack_error(missing: list[str]) -> DeviceError:
+    return DeviceError(f"building a TensorRT engine needs {', '.join(missing)}, not installed here: "
+                       "pip install 'musc-edge[gpu,trt]' on the NVIDIA machine, or use --format onnx")

@@ -63,17 +63,21 @@ def import_onnxruntime():
         present = installed_ort_packages()
         if present:  # installed, but the import fails: typically two packages overwrote each other
             raise DeviceError(f"ONNX Runtime is installed ({', '.join(present)}) but cannot be imported ({e}); "
-                              f"reinstall exactly one: pip uninstall -y {' '.join(present)} && pip install "
-                              f"{'onnxruntime-gpu' if 'onnxruntime-gpu' in present else present[0]}") from None
+                              f"reinstall exactly one: {_keep_one(present)}") from None
         raise DeviceError(f"ONNX Runtime is not installed ({e.name or e} is not importable): {ORT_INSTALL_HINT}") from None
     if not _clash_checked:
         _clash_checked = True
         clash = installed_ort_packages()
         if len(clash) > 1:
             log.warning("%s are all installed and overwrite each other's files in one 'onnxruntime' folder; keep "
-                        "one: pip uninstall -y %s && pip install %s", ", ".join(clash), " ".join(clash),
-                        "onnxruntime-gpu" if "onnxruntime-gpu" in clash else clash[0])
+                        "one: %s", ", ".join(clash), _keep_one(clash))
     return ort
+
+
+def _keep_one(packages: Sequence[str]) -> str:
+    """The commands that leave one ONNX Runtime package (the GPU one if it was among them)."""
+    keep = "onnxruntime-gpu" if "onnxruntime-gpu" in packages else packages[0]
+    return f"pip uninstall -y {' '.join(packages)} && pip install {keep}"
 
 
 def installed_ort_packages(names: Sequence[str] = ORT_DISTRIBUTIONS) -> list[str]:
