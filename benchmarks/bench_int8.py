@@ -68,7 +68,7 @@ def mtd_subset(n: int = SUBSET) -> set[str]:
 
 def eval_samples(which: str) -> list:
     """The labelled samples cosine and AUROC are measured on (see the module docstring)."""
-    from musc_edge.io import discover
+    from musc_edge.datasets import discover
 
     if which == "sample":
         return list(discover(SAMPLE, "auto").samples)
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-musc", dest="musc", action="store_false")
     args = p.parse_args(argv)
 
-    from musc_edge.batch import evaluate  # noqa: F401 - fail early if the scorer is missing
+    from musc_edge.score.folder import evaluate  # noqa: F401 - fail early if the scorer is missing
     from musc_edge.calibration.quantize import make_config, quantize_model
     from musc_edge.calibration.reader import load_batch
     from musc_edge.calibration.report import compare_outputs, musc_metrics, open_simulated

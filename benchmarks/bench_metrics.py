@@ -1,4 +1,4 @@
-"""Benchmark of musc_edge.metrics on a category-sized pixel set; prints one JSON object.
+"""Benchmark of musc_edge.core.metrics on a category-sized pixel set; prints one JSON object.
 
 Default: 500 random-blob masks of 224 x 224 (25 M pixels), float32 maps. Times, in seconds (best of
 ``--repeat`` runs, measured side by side in this one process):
@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from musc_edge import metrics as M
+from musc_edge.core import metrics as M
 
 
 def blob_masks_and_maps(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

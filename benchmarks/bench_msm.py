@@ -11,7 +11,7 @@ on the machine do not inflate.
 Work per pool: ``len(layers) * len(r_list)`` MSM calls on (N, L, C) unit features. r only changes
 LNAMD's input to MSM, not MSM's work, so each layer's random unit features are reused for every r
 (the timing does not depend on content: random features need no exact recompute of small
-distances, see ``musc_edge.msm.EXACT_BELOW_D2``; ``--near`` adds a run with near-duplicate
+distances, see ``musc_edge.core.msm.EXACT_BELOW_D2``; ``--near`` adds a run with near-duplicate
 features where that recompute is taken).
 
 FLOPs counted: one product per image pair, ``2 * L * L * C`` per pair, ``N (N - 1) / 2`` pairs, per
@@ -109,12 +109,12 @@ def peak_rss_mb() -> float:
 
 def run_one(n: int, L: int, c: int, layers: int, r_count: int, do_baseline: bool, near: bool) -> dict:
     """Time ``layers * r_count`` MSM calls at pool size n (ours, then the baseline)."""
-    from musc_edge import msm as msm_mod
+    from musc_edge.core import msm as msm_mod
 
     rng = np.random.default_rng(0)
     feats = [random_unit(rng, n, L, c, near) for _ in range(layers)]
     calls = layers * r_count
-    bi, bj = msm_mod._group_sizes(n, L, (1 << 30) // 4)
+    bi, bj = msm_mod.group_sizes(n, L, (1 << 30) // 4)
     rss_before = peak_rss_mb()
 
     # Peak RSS of our MSM alone: one untimed call before anything else allocates.

@@ -79,7 +79,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--interpolation", default="bicubic")
     args = ap.parse_args()
-    from musc_edge.io import list_images
+    from musc_edge.datasets import list_images
 
     paths = list_images(args.images)[: args.n]
     result = {"resize": bench_resize(paths, args.size, args.interpolation)}

@@ -5,12 +5,12 @@ For W in --windows (default 16, 32, 64, 128) at ViT-B/16 sizes (G*G = 196 patche
 4 tapped layers, r in {1, 3, 5}: 12 pair products per image pair), measures after feature
 extraction (the tokens are given):
 
-- ``incremental_s``: one steady-state step of :class:`musc_edge.window.RollingScorer` with a full
+- ``incremental_s``: one steady-state step of :class:`musc_edge.core.window.RollingScorer` with a full
   window: ``prepare`` (LNAMD of the new image and its W - 1 pair products) plus ``push`` (evict the
   oldest, add, MSM selection for the whole pool, RsCIN). Best of --steps steps (timeit's rule on
   a shared machine; the median and the process CPU time are printed too). The windows are stepped
   round-robin, one step each in turn, so that their ratios see the same load.
-- ``full_rescore_s``: :func:`musc_edge.scorer.score_tokens` over the same W images from scratch
+- ``full_rescore_s``: :func:`musc_edge.core.scorer.score_tokens` over the same W images from scratch
   (what the released code must do for every new image).
 
 Prints one JSON object with both, their ratio, the window's preallocated bytes, the process's
@@ -40,8 +40,8 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from musc_edge.scorer import score_tokens
-from musc_edge.window import RollingScorer
+from musc_edge.core.scorer import score_tokens
+from musc_edge.core.window import RollingScorer
 
 
 def synthetic_images(n: int, n_tokens: int, dim: int, layers: int, embed_dim: int, seed: int = 0):

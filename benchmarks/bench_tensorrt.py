@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
 
-    from musc_edge.errors import MuscEdgeError
+    from musc_edge.core.errors import MuscEdgeError
 
     try:
         return _run(args, batches)

@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from musc_edge.errors import InputError
+from musc_edge.core.errors import InputError
 
 from .quantize import QuantResult, check_output_path, default_mode, load_fp32_model, make_config, quantize_model
 from .reader import split_images

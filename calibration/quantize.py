@@ -48,8 +48,8 @@ from pathlib import Path
 
 import onnx
 
-from musc_edge.errors import InputError, ModelError
-from musc_edge.meta import PREFIX, ModelMeta
+from musc_edge.core.errors import InputError, ModelError
+from musc_edge.core.meta import PREFIX, ModelMeta
 
 from .reader import ImageFolderReader
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
-from musc_edge.errors import ImageDecodeError, InputError
-from musc_edge.io import Dataset, discover
-from musc_edge.meta import ModelMeta
+from musc_edge.core.errors import ImageDecodeError, InputError
+from musc_edge.datasets import Dataset, discover
+from musc_edge.core.meta import ModelMeta
 from musc_edge.runtime.preprocess import load_input
 
 log = logging.getLogger(__name__)

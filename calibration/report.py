@@ -33,10 +33,14 @@ from typing import Any
 import numpy as np
 
 from musc_edge import __version__
-from musc_edge.batch import batch_score_step, evaluate
-from musc_edge.errors import InputError
-from musc_edge.io import Dataset, Sample, write_json
+from musc_edge.core.params import DEFAULT_PARAMS, MuscParams
+from musc_edge.core.pools import BatchPool
+from musc_edge.datasets.evaluation import evaluate
+from musc_edge.core.errors import InputError
+from musc_edge.datasets import Dataset, Sample
+from musc_edge.outputs import write_json
 from musc_edge.runtime.model import FeatureExtractor, load_model
+from musc_edge.runtime.pipeline import iter_features
 
 from .reader import ImageSplit, load_batch
 
@@ -107,28 +111,22 @@ def compare_speed(fp32: Any, int8: Any, batch: np.ndarray, repeats: int = 5,
 
 # -------------------------------------------------------------------------------------------- MuSc
 def musc_metrics(extractor: Any, samples: Sequence[Sample], batch_size: int = 8,
-                 r_list: Sequence[int] = (1, 3, 5), k_list: Sequence[int] = (1, 2, 3)) -> dict | None:
-    """Score ``samples`` as one MuSc pool with ``extractor`` and return MUSC_SPEC 6 metrics."""
-    from musc_edge.runtime.pipeline import iter_features
-
+                 params: MuscParams = DEFAULT_PARAMS) -> dict | None:
+    """Score ``samples`` as one MuSc pool with ``extractor`` (the :class:`BatchPool` that
+    ``musc-edge score`` uses, so float16 tokens as there) and return MUSC_SPEC 6 metrics."""
     by_path = {s.path: s for s in samples}
-    tokens: list[list[np.ndarray]] = [[] for _ in extractor.meta.token_dims]
-    embeddings: list[np.ndarray] = []
+    pool = BatchPool(extractor.meta, len(samples), params)
     used: list[Sample] = []
     sizes: list[tuple[int, int]] = []
     for batch in iter_features([s.path for s in samples], extractor, batch_size):
         if batch.features is None:
             continue
-        for layer, t in enumerate(batch.features.tokens):
-            tokens[layer].append(np.asarray(t, dtype=np.float16))  # as `musc-edge score` keeps them
-        embeddings.append(np.asarray(batch.features.embedding, dtype=np.float32))
+        pool.add(batch.features.tokens, batch.features.embedding)
         used += [by_path[p] for p in batch.paths]
         sizes += list(batch.sizes)
     if len(used) < 2:
         raise InputError(f"only {len(used)} readable evaluation image(s); MuSc needs at least 2")
-    scores = batch_score_step([np.concatenate(t) for t in tokens], np.concatenate(embeddings), r_list, k_list)
-    warnings: list[str] = []
-    return evaluate(used, sizes, scores, warnings)
+    return evaluate(used, sizes, pool.finish(), [])
 
 
 def _auroc(metrics: dict | None, key: str) -> float | None:
@@ -154,7 +152,7 @@ def open_simulated(path: str | Path, threads: int | None = None) -> FeatureExtra
 
 def build_report(fp32_path: str | Path, int8_path: str | Path, split: ImageSplit, quantization: dict, *,
                  batch_size: int = 8, speed_repeats: int = 5, threads: int | None = None,
-                 musc: bool = True, r_list: Sequence[int] = (1, 3, 5), k_list: Sequence[int] = (1, 2, 3),
+                 musc: bool = True, params: MuscParams = DEFAULT_PARAMS,
                  simulate_int8: bool = False) -> dict:
     """Compare the FP32 and INT8 models (both on ONNX Runtime's CPU provider) and return the report.
 
@@ -180,7 +178,7 @@ def build_report(fp32_path: str | Path, int8_path: str | Path, split: ImageSplit
             speed["device"] = "cpu"
         execution = {"fp32": fp32.description, "int8": int8.description,
                      "int8_arithmetic": "simulated" if simulate_int8 else "onnxruntime int8 kernels"}
-        musc_part = _musc_part(fp32, int8, split.dataset, split.evaluation, batch_size, r_list, k_list) if musc \
+        musc_part = _musc_part(fp32, int8, split.dataset, split.evaluation, batch_size, params) if musc \
             else {"skipped": "disabled (--no-musc)"}
     finally:
         fp32.close()
@@ -204,7 +202,7 @@ def build_report(fp32_path: str | Path, int8_path: str | Path, split: ImageSplit
 
 
 def _musc_part(fp32: Any, int8: Any, dataset: Dataset, evaluation: Sequence[Path], batch_size: int,
-               r_list: Sequence[int], k_list: Sequence[int]) -> dict:
+               params: MuscParams) -> dict:
     chosen = set(evaluation)
     samples = [s for s in dataset.samples if s.path in chosen]
     if not any(s.label is not None for s in samples):
@@ -212,11 +210,11 @@ def _musc_part(fp32: Any, int8: Any, dataset: Dataset, evaluation: Sequence[Path
     labels = {s.label for s in samples}
     if labels != {0, 1}:
         return {"skipped": "the evaluation images hold only one class; image AUROC needs good and defective images"}
-    m_fp32 = musc_metrics(fp32, samples, batch_size, r_list, k_list)
-    m_int8 = musc_metrics(int8, samples, batch_size, r_list, k_list)
+    m_fp32 = musc_metrics(fp32, samples, batch_size, params)
+    m_int8 = musc_metrics(int8, samples, batch_size, params)
     return {
         "images": len(samples),
-        "r": list(r_list), "k": list(k_list),
+        "r": list(params.r_list), "k": list(params.k_list),
         "fp32": m_fp32, "int8": m_int8,
         "image_auroc_drop": _drop(_auroc(m_fp32, "image"), _auroc(m_int8, "image")),
         "pixel_auroc_drop": _drop(_auroc(m_fp32, "pixel"), _auroc(m_int8, "pixel")),

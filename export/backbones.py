@@ -13,8 +13,8 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from musc_edge.errors import InputError, ModelError
-from musc_edge.meta import ModelMeta
+from musc_edge.core.errors import InputError, ModelError
+from musc_edge.core.meta import ModelMeta
 
 #: CLIP's image normalisation (MUSC_SPEC 1).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -96,7 +96,7 @@ class BuiltBackbone:
         return self.spec.grid(self.image_size)
 
     def meta(self, opset: int) -> ModelMeta:
-        """The :class:`~musc_edge.meta.ModelMeta` the exported file carries."""
+        """The :class:`~musc_edge.core.meta.ModelMeta` the exported file carries."""
         from musc_edge import __version__
 
         return ModelMeta(

@@ -19,7 +19,7 @@ import copy
 import torch
 from torch import nn
 
-from musc_edge.errors import InputError, ModelError
+from musc_edge.core.errors import InputError, ModelError
 
 from .backbones import BackboneSpec, BuiltBackbone
 from .weights import WeightsChoice, fetch_clip_checkpoint, load_state_dict

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from musc_edge.errors import InputError, ModelError
+from musc_edge.core.errors import InputError, ModelError
 
 from .backbones import BackboneSpec, BuiltBackbone
 from .weights import WeightsChoice, load_state_dict

@@ -23,8 +23,8 @@ from typing import Iterator
 
 import numpy as np
 
-from musc_edge.errors import ModelError
-from musc_edge.meta import PREFIX, ModelMeta
+from musc_edge.core.errors import ModelError
+from musc_edge.core.meta import PREFIX, ModelMeta
 
 from .backbones import BuiltBackbone
 

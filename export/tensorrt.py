@@ -41,9 +41,9 @@ from typing import Any
 
 import numpy as np
 
-from musc_edge.errors import DeviceError, InputError, ModelError
-from musc_edge.io import atomic_write_bytes
-from musc_edge.meta import ModelMeta
+from musc_edge.core.errors import DeviceError, InputError, ModelError
+from musc_edge.core.durable import atomic_write_bytes
+from musc_edge.core.meta import ModelMeta
 from musc_edge.runtime.backends.tensorrt import (SIDECAR_VERSION_KEY, cuda_call, cuda_info, import_cudart,
                                                  import_tensorrt, version_tuple, write_sidecar)
 
@@ -172,7 +172,7 @@ def to_fp16(src: Path, dst: Path) -> Path:
 def calibration_batch(calib_dir: Path, meta: ModelMeta, num: int = DEFAULT_CALIB_IMAGES) -> tuple[np.ndarray, list[Path]]:
     """Up to ``num`` preprocessed images of ``calib_dir`` (spread over the folder), for ModelOpt."""
     from musc_edge.calibration.reader import MIN_CALIBRATION_IMAGES, load_batch
-    from musc_edge.io import discover
+    from musc_edge.datasets import discover
 
     paths = [s.path for s in discover(calib_dir, "auto").samples]
     if len(paths) < MIN_CALIBRATION_IMAGES:
@@ -284,7 +284,7 @@ def _external_data_files(model_path: Path) -> list[str]:
 
 
 def discover_images(folder: Path) -> list[Path]:
-    from musc_edge.io import discover
+    from musc_edge.datasets import discover
 
     return [s.path for s in discover(folder, "auto").samples]
 

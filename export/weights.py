@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from musc_edge.errors import InputError, ModelError
-from musc_edge.meta import RANDOM_WEIGHTS
+from musc_edge.core.errors import InputError, ModelError
+from musc_edge.core.meta import RANDOM_WEIGHTS
 
 from .backbones import BackboneSpec
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from musc_edge.errors import DeviceError, ModelError
-from musc_edge.meta import ModelMeta
-from musc_edge.types import Features
+from musc_edge.core.errors import DeviceError, ModelError
+from musc_edge.core.meta import ModelMeta
+from musc_edge.core.types import Features
 
 from .backends.base import Backend
 

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from musc_edge.errors import ImageDecodeError
-from musc_edge.meta import ModelMeta
-from musc_edge.types import Features
+from musc_edge.core.errors import ImageDecodeError
+from musc_edge.core.meta import ModelMeta
+from musc_edge.core.types import Features
 
 from .preprocess import load_input
 

@@ -1,6 +1,6 @@
 """Image decoding and backbone preprocessing with OpenCV and numpy (no torch, no PIL).
 
-Two steps, both driven by the model's metadata (:class:`musc_edge.meta.ModelMeta`):
+Two steps, both driven by the model's metadata (:class:`musc_edge.core.meta.ModelMeta`):
 
 * :func:`decode_image` turns the bytes of a jpg/png/bmp/tiff file into an (H, W, 3) uint8 RGB array:
   gray is replicated, alpha is dropped (as PIL's ``convert("RGB")`` in open_clip does), 16-bit is
@@ -28,8 +28,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from musc_edge.errors import ImageDecodeError, InputError
-from musc_edge.meta import ModelMeta
+from musc_edge.core.errors import ImageDecodeError, InputError
+from musc_edge.core.meta import ModelMeta
 
 #: Largest image (in pixels) we decode; override with MUSC_EDGE_MAX_PIXELS or ``max_pixels=``.
 DEFAULT_MAX_PIXELS = 100_000_000

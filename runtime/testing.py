@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from musc_edge import __version__
-from musc_edge.meta import ModelMeta
+from musc_edge.core.meta import ModelMeta
 
 OPSET = 17
 

@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 import psutil
 
-from musc_edge.journal import read_jsonl
+from musc_edge.watch.journal import read_jsonl
 
 
 def write_images(folder: Path, n: int, rate: float, stop: threading.Event, counter: list[int]) -> None:

@@ -3,7 +3,7 @@
 A backend (ONNX Runtime, TensorRT, ...) is a context manager with ``meta``, ``__call__(batch) ->
 Features`` and ``close()``. Following Polygraphy's runners, the input is checked once here against
 the model's metadata (dtype, rank, channels, size) and the outputs are turned into
-:class:`~musc_edge.types.Features` and checked here too, so a backend file only has to implement
+:class:`~musc_edge.core.types.Features` and checked here too, so a backend file only has to implement
 :meth:`Backend.run`: feed ``batch`` to the model, return its outputs by name.
 
 Contract for a new backend module ``musc_edge.runtime.backends.<name>``: a subclass of
@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from musc_edge.errors import InputError, ModelError
-from musc_edge.meta import ModelMeta
-from musc_edge.types import Features
+from musc_edge.core.errors import InputError, ModelError
+from musc_edge.core.meta import ModelMeta
+from musc_edge.core.types import Features
 
 
 class Backend(ABC):

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from musc_edge.errors import DeviceError, ModelError
-from musc_edge.meta import ModelMeta
+from musc_edge.core.errors import DeviceError, ModelError
+from musc_edge.core.meta import ModelMeta
 
 from .base import Backend
 from .ort_fallback import CPU, CUDA, TENSORRT, OrtOutput, check_providers

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
-from musc_edge.errors import DeviceError
+from musc_edge.core.errors import DeviceError
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"

@@ -11,7 +11,7 @@ engine has one optimization profile, batch 1..B), ``set_tensor_address`` for eve
 once for the profile's largest batch; a larger batch is run in chunks.
 
 This module imports without TensorRT; constructing :class:`TensorRTBackend` without it raises a
-:class:`~musc_edge.errors.DeviceError` that says what to install.
+:class:`~musc_edge.core.errors.DeviceError` that says what to install.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from musc_edge.errors import DeviceError, ModelError
-from musc_edge.io import atomic_write_bytes
-from musc_edge.meta import ModelMeta
+from musc_edge.core.errors import DeviceError, ModelError
+from musc_edge.core.durable import atomic_write_bytes
+from musc_edge.core.meta import ModelMeta
 
 from .base import Backend
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from musc_edge.errors import ModelError
+from musc_edge.core.errors import ModelError
 from musc_edge.runtime.model import load_model, read_meta
 
 SAMPLE = Path(__file__).resolve().parents[2] / "examples" / "mtd_sample" / "magnetic_tile"

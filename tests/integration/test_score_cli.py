@@ -219,16 +219,18 @@ def test_random_weights_model_warns(tmp_path):
 
 
 def test_scoring_step_is_swappable_and_gets_float16_tokens(tmp_path, model):
-    from musc_edge.batch import ScoreSettings, batch_score_step, score_folder
+    from musc_edge import MuscParams
+    from musc_edge.score.folder import ScoreSettings, batch_score_step, score_folder
 
     data = make_category(tmp_path / "cat", n_good=4, defects=("blob",), n_each=1)
     seen = {}
 
-    def spy(tokens, embedding, r_list, k_list):
-        seen.update(dtypes={t.dtype for t in tokens}, n=len(embedding), r=tuple(r_list), k=tuple(k_list))
-        return batch_score_step(tokens, embedding, r_list, k_list)
+    def spy(tokens, embedding, params):
+        seen.update(dtypes={t.dtype for t in tokens}, n=len(embedding), r=params.r_list, k=params.k_list)
+        return batch_score_step(tokens, embedding, params)
 
-    result = score_folder(data, model, tmp_path / "out", ScoreSettings(r_list=(1, 3), progress=False),
+    result = score_folder(data, model, tmp_path / "out",
+                          ScoreSettings(params=MuscParams(r_list=(1, 3)), progress=False),
                           score_step=spy)
     assert seen == {"dtypes": {np.dtype(np.float16)}, "n": 5, "r": (1, 3), "k": (1, 2, 3)}
     assert result.run["settings"]["scorer"] == "spy"
@@ -239,8 +241,9 @@ def test_feature_stage_never_holds_all_decoded_images(tmp_path, model):
     """Peak traced memory of the feature stage stays far below the size of all decoded images."""
     import tracemalloc
 
-    from musc_edge.batch import BatchPool, ScoreSettings, _extract
-    from musc_edge.io import discover
+    from musc_edge.core.pools import BatchPool
+    from musc_edge.score.folder import ScoreSettings, _extract
+    from musc_edge.datasets import discover
     from musc_edge.runtime.model import load_model
 
     rng = np.random.default_rng(3)
@@ -254,7 +257,7 @@ def test_feature_stage_never_holds_all_decoded_images(tmp_path, model):
     with load_model(model) as extractor:
         tracemalloc.start()
         try:
-            pool = BatchPool(extractor.meta, n, settings)
+            pool = BatchPool(extractor.meta, n, settings.params)
             ext = _extract(discover(data), extractor, settings, pool)
             _, peak = tracemalloc.get_traced_memory()
         finally:

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from musc_edge.cli import main
-from musc_edge.daemon import WatchDaemon
-from musc_edge.errors import StateError
-from musc_edge.journal import StateDir
+from musc_edge.watch.daemon import WatchDaemon
+from musc_edge.core.errors import StateError
+from musc_edge.watch.journal import StateDir
 from musc_edge.runtime.preprocess import load_input
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -165,7 +165,7 @@ def test_corrupt_and_vanished_files_are_skipped_and_the_daemon_goes_on(tmp_path,
 
 
 def test_file_vanishing_between_arrival_and_decoding_is_skipped(tmp_path, model) -> None:
-    from musc_edge.arrivals import Arrival, ArrivalTracker
+    from musc_edge.watch.arrivals import Arrival, ArrivalTracker
 
     cfg = config(tmp_path)
     daemon = WatchDaemon(cfg, model)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from musc_edge.journal import StateDir
+from musc_edge.watch.journal import StateDir
 
 sys.path.insert(0, str(Path(__file__).parent))
 from watch_helpers import (ThreadedDaemon, config, part_image, results, tiny_model, wait_for,  # noqa: E402

@@ -64,7 +64,7 @@ def test_streamed_folder_equals_stream_scores_on_collected_tokens_in_either_orde
 
     import numpy as np
 
-    from musc_edge.window import stream_scores
+    from musc_edge.core.window import stream_scores
 
     model_path, m = tiny_model(tmp_path / "model")
     m.close()
@@ -114,8 +114,10 @@ def test_window_memory_does_not_grow_with_the_folder(tmp_path) -> None:
     """
     import numpy as np
 
-    from musc_edge.batch import BatchPool, ScoreSettings, StreamPool, _extract, score_folder
-    from musc_edge.io import discover
+    from musc_edge import MuscParams
+    from musc_edge.core.pools import BatchPool, StreamPool
+    from musc_edge.score.folder import ScoreSettings, _extract, score_folder
+    from musc_edge.datasets import discover
 
     model_path, m = tiny_model(tmp_path / "model", image_size=64, patch_size=8, token_dims=(512, 512))
     tokens_per_image = (1 + m.meta.grid ** 2) * sum(m.meta.token_dims) * 2
@@ -124,7 +126,7 @@ def test_window_memory_does_not_grow_with_the_folder(tmp_path) -> None:
         folder.mkdir()
         for i in range(n):
             write_png(folder / f"p{i:03d}.png", part_image(i, size=(64, 64)))
-    settings = ScoreSettings(batch_size=8, r_list=(1,), window=8, progress=False)
+    settings = ScoreSettings(batch_size=8, params=MuscParams(r_list=(1,)), window=8, progress=False)
     peaks = {n: peak_traced(lambda n=n: score_folder(tmp_path / f"n{n}", model_path, tmp_path / f"out{n}",
                                                      settings, extractor=m)) for n in (30, 200)}
     all_tokens = 200 * tokens_per_image  # 27 MB
@@ -132,11 +134,11 @@ def test_window_memory_does_not_grow_with_the_folder(tmp_path) -> None:
     assert peaks[200] < all_tokens / 3, (peaks, all_tokens)
     # The same feature stage feeding the batch pool holds every image's tokens: the bound can fail.
     dataset = discover(tmp_path / "n200")
-    batch_settings = ScoreSettings(batch_size=8, r_list=(1,), progress=False)
-    batch_peak = peak_traced(lambda: _extract(dataset, m, batch_settings, BatchPool(m.meta, 200, batch_settings)))
+    batch_settings = ScoreSettings(batch_size=8, params=MuscParams(r_list=(1,)), progress=False)
+    batch_peak = peak_traced(lambda: _extract(dataset, m, batch_settings, BatchPool(m.meta, 200, batch_settings.params)))
     assert batch_peak > all_tokens > 3 * peaks[200]
     # and the stream never held more than W images' tokens
-    pool = StreamPool(m.meta, settings)
+    pool = StreamPool(m.meta, settings.window, settings.params)
     _extract(dataset, m, settings, pool)
     assert pool.stream.peak_held == 8 and len(pool.stream) == 200
     assert np.isfinite(pool.finish().image_scores).all()

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from musc_edge.arrivals import ArrivalTracker
-from musc_edge.errors import StateError
-from musc_edge.journal import StateDir, read_jsonl
+from musc_edge.watch.arrivals import ArrivalTracker
+from musc_edge.core.errors import StateError
+from musc_edge.watch.journal import StateDir, read_jsonl
 
 
 def test_tracker_waits_for_stability_and_applies_name_rules(tmp_path) -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from musc_edge.daemon import WatchConfig, WatchDaemon
-from musc_edge.journal import read_jsonl
+from musc_edge.watch.daemon import WatchConfig, WatchDaemon
+from musc_edge.watch.journal import read_jsonl
 from musc_edge.runtime.model import load_model
 from musc_edge.runtime.testing import make_tiny_model
 

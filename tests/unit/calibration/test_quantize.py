@@ -13,8 +13,8 @@ from musc_edge.calibration.quantize import (QUANT_PROP, QUANTIZED_OPS, cnn_plan,
                                             quantization_info, quantize_model)
 from musc_edge.calibration.reader import split_images
 from musc_edge.calibration.report import compare_outputs
-from musc_edge.errors import InputError, ModelError
-from musc_edge.meta import ModelMeta
+from musc_edge.core.errors import InputError, ModelError
+from musc_edge.core.meta import ModelMeta
 from musc_edge.runtime.model import load_model, read_meta
 from musc_edge.runtime.testing import make_tiny_model, tiny_meta
 

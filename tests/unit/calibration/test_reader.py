@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from musc_edge.calibration.reader import MIN_CALIBRATION_IMAGES, ImageFolderReader, split_images
-from musc_edge.errors import InputError
+from musc_edge.core.errors import InputError
 from musc_edge.runtime.preprocess import load_input
 from musc_edge.runtime.testing import tiny_meta
 

@@ -12,7 +12,7 @@ from musc_edge.calibration.report import (REPORT_KEYS, compare_speed, cosine_per
                                           report_path)
 from musc_edge.cli import main
 from musc_edge.runtime.testing import make_tiny_model
-from musc_edge.types import Features
+from musc_edge.core.types import Features
 
 from .conftest import copy_images
 

@@ -1,4 +1,4 @@
-"""``musc_edge.io.order_samples`` and ``grouped_by_type``: the stream order of ``score --window``."""
+"""``musc_edge.datasets.order_samples`` and ``grouped_by_type``: the stream order of ``score --window``."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from musc_edge.errors import InputError
-from musc_edge.io import Sample, grouped_by_type, order_samples
+from musc_edge.core.errors import InputError
+from musc_edge.datasets import Sample, grouped_by_type, order_samples
 
 
 def sample(tmp_path: Path, name: str, kind: str | None = None, mtime_s: int | None = None) -> Sample:

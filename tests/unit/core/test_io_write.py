@@ -1,4 +1,4 @@
-"""``musc_edge.io.atomic_write_bytes``: one atomic writer for batch outputs and the watch state."""
+"""``musc_edge.core.durable.atomic_write_bytes``: one atomic writer for batch outputs and the watch state."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from musc_edge import io as mio
+from musc_edge.core import durable as mio
 
 
 def test_replaces_content_and_leaves_no_temp_file(tmp_path) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from musc_edge.errors import InputError
-from musc_edge.lnamd import lnamd, patch_grid
+from musc_edge.core.errors import InputError
+from musc_edge.core.lnamd import lnamd, patch_grid
 
 
 def torch_lnamd(tokens: np.ndarray, r: int) -> np.ndarray:

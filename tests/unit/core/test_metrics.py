@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from musc_edge.errors import InputError
-from musc_edge.metrics import (
+from musc_edge.core.errors import InputError
+from musc_edge.core.metrics import (
     IMAGE_KEYS,
     PIXEL_KEYS,
     UndefinedMetricError,

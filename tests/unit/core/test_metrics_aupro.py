@@ -7,8 +7,8 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import auc
 
-from musc_edge.errors import InputError
-from musc_edge.metrics import UndefinedMetricError, aupro, aupro_thresholds, pixel_metrics
+from musc_edge.core.errors import InputError
+from musc_edge.core.metrics import UndefinedMetricError, aupro, aupro_thresholds, pixel_metrics
 
 EIGHT_CONNECTED = np.ones((3, 3), int)
 FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
@@ -141,7 +141,7 @@ def test_fpr_exactly_at_the_limit_is_dropped():
 def test_counts_above_float64_thresholds_compare_exactly(dtype):
     # Thresholds are float64 (as in the authors' np.arange); float32 maps must be compared in
     # float64, not with the threshold rounded to float32.
-    from musc_edge.metrics import rank_counts
+    from musc_edge.core.metrics import rank_counts
 
     rng = np.random.default_rng(11)
     scores = np.round(rng.random(2000) * 50).astype(dtype) / dtype(7)

@@ -5,9 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from musc_edge import msm as msm_mod
-from musc_edge.errors import InputError
-from musc_edge.msm import interval_bounds, interval_mean, msm, pair_min_distances
+from musc_edge.core import msm as msm_mod
+from musc_edge.core.errors import InputError
+from musc_edge.core.msm import check_interval, msm
+from musc_edge.core.pairs import block_minima, interval_bounds, interval_mean
+
+
+def pair_min_distances(za: np.ndarray, zb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The pair kernel on one image pair: (a scored by b, b scored by a)."""
+    rows, cols = block_minima(za[None], zb[None])
+    return rows[0, :, 0], cols[0, :, 0]
 
 
 def unit(rng: np.random.Generator, *shape: int) -> np.ndarray:
@@ -46,27 +53,38 @@ def test_interval_bounds(n_others, interval, expected):
 
 
 @pytest.mark.parametrize("bad", [(0.3, 0.1), (-0.1, 0.3), (0.0, 1.5), (0.2, 0.2)])
-def test_interval_bounds_rejects_bad_interval(bad):
+def test_check_interval_rejects_bad_interval(bad):
     with pytest.raises(InputError, match="interval"):
-        interval_bounds(10, bad)
+        check_interval(11, bad)
 
 
-def test_interval_bounds_needs_another_image():
+def test_check_interval_needs_another_image():
     with pytest.raises(InputError, match="at least 2 images"):
-        interval_bounds(0)
+        check_interval(1, (0.0, 0.3))
 
 
-def test_interval_mean_is_mean_of_sorted_slice():
+@pytest.mark.parametrize("lo, hi", [(2, 10), (0, 1), (0, 20), (19, 20)])
+def test_interval_mean_is_mean_of_sorted_slice(lo, hi):
     rng = np.random.default_rng(0)
-    d = rng.random((20, 7))
-    ref = np.sort(d, axis=0)[2:10].mean(axis=0)
-    np.testing.assert_allclose(interval_mean(d, (0.1, 0.5)), ref, rtol=1e-12)
-    assert interval_mean(d, (0.1, 0.5)).dtype == np.float64
+    d = rng.random((7, 3, 20)).astype(np.float32)
+    ref = np.sort(d.astype(np.float64), axis=-1)[..., lo:hi].mean(axis=-1)
+    got = interval_mean(d, lo, hi)
+    np.testing.assert_allclose(got, ref, rtol=1e-12)
+    assert got.dtype == np.float64
 
 
-@pytest.mark.parametrize("la, lb", [(9, 9), (5, 12)])
-def test_pair_min_distances_vs_brute_force(la, lb):
+def test_interval_mean_never_reaches_inf_entries():
+    """Self pairs and empty slots are +inf in the table; hi <= number of others keeps them out."""
     rng = np.random.default_rng(1)
+    d = rng.random((4, 5, 9)).astype(np.float32)
+    d[..., 3] = np.inf
+    lo, hi = interval_bounds(8, (0.0, 1.0))
+    assert np.isfinite(interval_mean(d, lo, hi)).all()
+
+
+@pytest.mark.parametrize("la, lb", [(9, 9), (25, 25)])
+def test_pair_min_distances_vs_brute_force(la, lb):
+    rng = np.random.default_rng(la)
     za, zb = unit(rng, la, 16), unit(rng, lb, 16)
     full = np.sqrt(((za[:, None].astype(np.float64) - zb[None]) ** 2).sum(-1))
     a_to_b, b_to_a = pair_min_distances(za, zb)
@@ -117,7 +135,7 @@ def test_tiny_budget_really_splits_owner_blocks(monkeypatch):
     """The tiny-budget test above must exercise the owner-block path, not one block."""
     calls = []
     real = msm_mod._score_owner_block
-    monkeypatch.setattr(msm_mod, "_score_owner_block", lambda *a: calls.append(a[1:3]) or real(*a))
+    monkeypatch.setattr(msm_mod, "_score_owner_block", lambda *a: calls.append(a[2:4]) or real(*a))
     rng = np.random.default_rng(5)
     msm(unit(rng, 11, 9, 16), mem_budget_bytes=2_000)
     assert len(calls) > 1
@@ -126,9 +144,13 @@ def test_tiny_budget_really_splits_owner_blocks(monkeypatch):
     assert calls == [(0, 11)]
 
 
-def test_msm_group_sizes_follow_budget():
-    bi, bj = msm_mod._group_sizes(100, 196, 1 << 20)
-    assert bi * bj * 196 * 196 * 4 <= 1 << 20 or (bi, bj) == (1, 1)
+@pytest.mark.parametrize("budget", [1 << 20, 8 << 20, 1 << 30])
+def test_msm_group_sizes_follow_budget(budget):
+    """Blocks fit the budget, except that a column group never has fewer images than its row group
+    (then the row group's self pairs all lie in its first, diagonal, block)."""
+    bi, bj = msm_mod.group_sizes(100, 196, budget)
+    assert bj >= bi >= 1
+    assert bi * bj * msm_mod.pair_block_bytes(196) <= max(budget, bi * bi * msm_mod.pair_block_bytes(196))
 
 
 def test_msm_float16_input_is_renormalised():

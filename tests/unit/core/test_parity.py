@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import musc_edge
-from musc_edge.lnamd import lnamd
-from musc_edge.msm import msm
+from musc_edge.core.lnamd import lnamd
+from musc_edge.core.msm import msm
 
 RTOL, ATOL = 1e-4, 1e-6
 FIXTURE_NAMES = ["musc_parity_small.npz", "musc_parity_k123_n20.npz", "musc_parity_effnet_mtd.npz"]
@@ -20,6 +20,11 @@ FIXTURE_NAMES = ["musc_parity_small.npz", "musc_parity_k123_n20.npz", "musc_pari
 def load_fixture(fixtures_dir, name: str) -> dict[str, np.ndarray]:
     with np.load(fixtures_dir / name) as data:
         return {k: data[k] for k in data.files}
+
+
+def fixture_params(fx: dict) -> musc_edge.MuscParams:
+    return musc_edge.MuscParams(tuple(int(r) for r in fx["r_list"]), (0.0, float(fx["interval_max"])),
+                                tuple(int(k) for k in fx["k_list"]))
 
 
 def layer_count(fx: dict) -> int:
@@ -47,9 +52,7 @@ def test_score_tokens_matches_fixture(fixtures_dir, name):
     scores = musc_edge.score_tokens(
         tokens,
         fx["cls"],
-        r_list=tuple(int(r) for r in fx["r_list"]),
-        interval=(0.0, float(fx["interval_max"])),
-        k_list=tuple(int(k) for k in fx["k_list"]),
+        params=fixture_params(fx),
     )
     assert isinstance(scores, musc_edge.Scores)
     for key in ("patch_maps", "image_scores_raw", "image_scores"):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from musc_edge.errors import InputError
-from musc_edge.rscin import rscin
+from musc_edge.core.errors import InputError
+from musc_edge.core.rscin import rscin
 
 
 def spec_rscin(s, e, k_list):

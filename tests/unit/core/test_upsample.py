@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from musc_edge.errors import InputError
-from musc_edge.scorer import upsample_map
+from musc_edge.core.errors import InputError
+from musc_edge.core.scorer import upsample_map
 
 
 def torch_upsample(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -1,19 +1,21 @@
-"""The rolling window must give the batch scorer's numbers on the same pool (issue 4)."""
+"""The rolling window must give the batch scorer's numbers on the same pool."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from musc_edge.errors import InputError, StateError
-from musc_edge.msm import pair_min_distances
-from musc_edge.scorer import score_tokens
-from musc_edge.window import CentredStream, PoolWindow, RollingScorer, pair_rows, stream_scores
+from musc_edge.core.errors import InputError, StateError
+from musc_edge.core.pairs import block_minima
+from musc_edge.core.params import MuscParams
+from musc_edge.core.scorer import score_tokens
+from musc_edge.core.window import CentredStream, PoolWindow, RollingScorer, stream_scores
 
 G = 4
 DIMS = (8, 12)  # two tapped layers of different width
 EMB = 6
 R_LIST = (1, 3, 5)
+PARAMS = MuscParams(r_list=R_LIST)
 
 
 def make_image(rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray]:
@@ -27,13 +29,13 @@ def make_image(rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray]:
 def batch_scores(images: list[tuple[list[np.ndarray], np.ndarray]]):
     tokens = [np.stack([img[0][layer] for img in images]) for layer in range(len(DIMS))]
     emb = np.stack([img[1] for img in images])
-    return score_tokens(tokens, emb, r_list=R_LIST, interval=(0.0, 0.3), k_list=(1, 2, 3))
+    return score_tokens(tokens, emb, params=PARAMS)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_pool_equals_batch_after_random_adds_and_evictions(seed: int) -> None:
     rng = np.random.default_rng(seed)
-    pool = PoolWindow(G, DIMS, EMB, slots=7, r_list=R_LIST)
+    pool = PoolWindow(G, DIMS, EMB, slots=7, params=PARAMS)
     images: dict[int, tuple[list[np.ndarray], np.ndarray]] = {}
     next_seq, checks = 0, 0
     for _ in range(50):
@@ -63,7 +65,8 @@ def test_pool_matches_authors_outputs(fixtures_dir) -> None:
     n, t, _ = tokens[0].shape
     g = int(round(np.sqrt(t - 1)))
     pool = PoolWindow(g, [x.shape[2] for x in tokens], data["cls"].shape[1], slots=n,
-                      r_list=tuple(int(r) for r in data["r_list"]), k_list=tuple(int(k) for k in data["k_list"]))
+                      params=MuscParams(r_list=tuple(int(r) for r in data["r_list"]),
+                                        k_list=tuple(int(k) for k in data["k_list"])))
     for i in range(n):
         pool.add(pool.prepare(i, [x[i] for x in tokens], data["cls"][i]))
     seqs, maps, raw, final = pool.score_all()
@@ -73,24 +76,29 @@ def test_pool_matches_authors_outputs(fixtures_dir) -> None:
     np.testing.assert_allclose(final, data["image_scores"], rtol=1e-4, atol=1e-6)
 
 
-def test_pair_rows_equal_msm_pair_min_distances() -> None:
-    """The blockwise rows against P images equal the core's one-pair function (both directions)."""
+def test_prepare_rows_equal_the_pair_kernel_per_pair() -> None:
+    """An entry's rows against P images, computed in blocks of slots, equal the pair kernel run on
+    each pair alone (both directions), including an exact match at distance 0."""
     rng = np.random.default_rng(11)
-    unit = lambda x: (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)  # noqa: E731
-    zs = unit(rng.standard_normal((7, 16, 8)) + 1.5)  # close vectors: the exact branch is taken
-    z = unit(rng.standard_normal((16, 8)) + 1.5)
-    zs[3, 5] = z[2]  # an exact match: distance 0
-    d_out, d_in = pair_rows(z, zs, block_bytes=2 * 4 * 16 * 16)  # blocks of 2 images
-    for j in range(7):
-        ref_out, ref_in = pair_min_distances(z, zs[j])
-        np.testing.assert_allclose(d_out[j], ref_out, rtol=0, atol=1e-6)
-        np.testing.assert_allclose(d_in[j], ref_in, rtol=0, atol=1e-6)
-    assert d_out[3, 2] == 0.0 and d_in[3, 5] == 0.0
+    pool = PoolWindow(G, DIMS, EMB, slots=8, params=MuscParams(r_list=(1,)))
+    images = [make_image(rng) for _ in range(7)]
+    for s, img in enumerate(images):
+        pool.add(pool.prepare(s, *img))
+    new = ([t.copy() for t in images[3][0]], images[3][1])  # a copy of image 3: distances 0 to it
+    entry = pool.prepare(7, *new)
+    z_new = pool.features(new[0])
+    for j, img in enumerate(images):
+        z_j = pool.features(img[0])
+        for q in range(len(pool.combos)):
+            rows, cols = block_minima(z_new[q][None], z_j[q][None])
+            np.testing.assert_allclose(entry.d_out[j, q], rows[0, :, 0], rtol=0, atol=1e-6)
+            np.testing.assert_allclose(entry.d_in[j, q], cols[0, :, 0], rtol=0, atol=1e-6)
+    assert np.all(entry.d_out[3] == 0.0) and np.all(entry.d_in[3] == 0.0)
 
 
 def test_prepare_does_not_change_the_pool() -> None:
     rng = np.random.default_rng(3)
-    pool = PoolWindow(G, DIMS, EMB, slots=4, r_list=R_LIST)
+    pool = PoolWindow(G, DIMS, EMB, slots=4, params=PARAMS)
     for s in range(3):
         pool.add(pool.prepare(s, *make_image(rng)))
     before = pool.score_all()[1]
@@ -117,7 +125,7 @@ def run_stream(scorer: RollingScorer, images, start: int = 0):
 def test_stream_reports_each_image_once_in_order_with_batch_scores(delay: int) -> None:
     rng = np.random.default_rng(10 + delay)
     images = [make_image(rng) for _ in range(20)]
-    scorer = RollingScorer(G, DIMS, EMB, capacity=6, delay=delay, min_pool=4, r_list=R_LIST)
+    scorer = RollingScorer(G, DIMS, EMB, capacity=6, delay=delay, min_pool=4, params=PARAMS)
     order = []
     reported, pools = {}, {}
     for seq, img in enumerate(images):
@@ -147,7 +155,7 @@ def test_stream_reports_each_image_once_in_order_with_batch_scores(delay: int) -
 
 def test_references_stay_and_are_never_reported() -> None:
     rng = np.random.default_rng(5)
-    scorer = RollingScorer(G, DIMS, EMB, capacity=3, delay=0, min_pool=4, n_references=2, r_list=R_LIST)
+    scorer = RollingScorer(G, DIMS, EMB, capacity=3, delay=0, min_pool=4, n_references=2, params=PARAMS)
     refs = [make_image(rng) for _ in range(2)]
     for i, img in enumerate(refs):
         scorer.add_reference(scorer.pool.prepare(-2 + i, *img))
@@ -168,7 +176,7 @@ def test_restore_replays_the_same_pool() -> None:
     """A scorer rebuilt from its state and entries continues exactly like the original."""
     rng = np.random.default_rng(7)
     images = [make_image(rng) for _ in range(14)]
-    kwargs = dict(capacity=5, delay=2, min_pool=3, r_list=R_LIST)
+    kwargs = dict(capacity=5, delay=2, min_pool=3, params=PARAMS)
     a = RollingScorer(G, DIMS, EMB, **kwargs)
     entries = {}
     for seq, img in enumerate(images[:9]):
@@ -209,19 +217,19 @@ def test_stream_scores_of_a_folder_in_order() -> None:
     images = [make_image(rng) for _ in range(15)]
     tokens = [np.stack([img[0][layer] for img in images]).astype(np.float16) for layer in range(len(DIMS))]
     emb = np.stack([img[1] for img in images])
-    got = stream_scores(tokens, emb, window=6, r_list=R_LIST)
+    got = stream_scores(tokens, emb, window=6, params=PARAMS)
     assert got.patch_maps.shape == (15, G, G) and np.isfinite(got.image_scores).all()
     # Image 7 was reported when 3 newer images had arrived: its pool was images 5..10.
-    ref = score_tokens([t[5:11] for t in tokens], emb[5:11], r_list=R_LIST)
+    ref = score_tokens([t[5:11] for t in tokens], emb[5:11], params=PARAMS)
     np.testing.assert_allclose(got.patch_maps[7], ref.patch_maps[2], rtol=0, atol=1e-5)
     assert got.image_scores[7] == pytest.approx(ref.image_scores[2], abs=1e-5)
     # The last images are reported against the final window.
-    ref = score_tokens([t[9:] for t in tokens], emb[9:], r_list=R_LIST)
+    ref = score_tokens([t[9:] for t in tokens], emb[9:], params=PARAMS)
     np.testing.assert_allclose(got.patch_maps[14], ref.patch_maps[5], rtol=0, atol=1e-5)
     # A folder no larger than the window is one pool: batch MuSc.
-    small = stream_scores([t[:5] for t in tokens], emb[:5], window=6, r_list=R_LIST)
+    small = stream_scores([t[:5] for t in tokens], emb[:5], window=6, params=PARAMS)
     np.testing.assert_array_equal(small.image_scores, score_tokens([t[:5] for t in tokens], emb[:5],
-                                                                   r_list=R_LIST).image_scores)
+                                                                   params=PARAMS).image_scores)
 
 
 def window_of(i: int, n: int, w: int) -> range:
@@ -239,7 +247,7 @@ def test_centred_stream_scores_each_image_against_its_window_holding_at_most_w(n
     """Every image equals batch MuSc over the window it was reported in; never more than W held."""
     rng = np.random.default_rng(20 + n)
     images = [make_image(rng) for _ in range(n)]
-    stream = CentredStream(G, DIMS, EMB, window=w, r_list=R_LIST)
+    stream = CentredStream(G, DIMS, EMB, window=w, params=PARAMS)
     for tokens, emb in images:
         stream.push(tokens, emb)
         assert stream.held <= w
@@ -260,7 +268,7 @@ def test_centred_stream_with_references() -> None:
     refs = [make_image(rng) for _ in range(2)]
     images = [make_image(rng) for _ in range(9)]
     for n in (3, 9):  # n <= W: one pool of refs + stream; n > W: refs + the rolling window
-        stream = CentredStream(G, DIMS, EMB, window=4, r_list=R_LIST)
+        stream = CentredStream(G, DIMS, EMB, window=4, params=PARAMS)
         for tokens, emb in refs:
             stream.add_reference(tokens, emb)
         for tokens, emb in images[:n]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from musc_edge.errors import InputError, ModelError
+from musc_edge.core.errors import InputError, ModelError
 from musc_edge.export import backbones
 
 

@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 
 from musc_edge.cli import main
-from musc_edge.meta import ModelMeta
+from musc_edge.core.meta import ModelMeta
 
 
 def run(capsys, *args: str) -> tuple[int, str, str]:

@@ -8,7 +8,7 @@ import hashlib
 import pytest
 import torch
 
-from musc_edge.errors import ModelError
+from musc_edge.core.errors import ModelError
 from musc_edge.export.clip import build, build_visual, resize_pos_embed
 from musc_edge.export.weights import resolve_weights
 

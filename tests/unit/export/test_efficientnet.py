@@ -8,12 +8,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from musc_edge.errors import InputError, ModelError
+from musc_edge.core.errors import InputError, ModelError
 from musc_edge.export import backbones
 from musc_edge.export.efficientnet import EfficientNetLite, build, packaged_weights_path, same_padding
 from musc_edge.export.onnx import export_onnx
 from musc_edge.export.weights import load_state_dict, resolve_weights
-from musc_edge.meta import ModelMeta
+from musc_edge.core.meta import ModelMeta
 
 SPEC = backbones.get_spec("efficientnet_lite0")
 

@@ -8,11 +8,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from musc_edge.errors import ModelError
+from musc_edge.core.errors import ModelError
 from musc_edge.export.clip import build
 from musc_edge.export.onnx import PARITY_TOL, export_onnx
 from musc_edge.export.weights import resolve_weights
-from musc_edge.meta import PREFIX, ModelMeta
+from musc_edge.core.meta import PREFIX, ModelMeta
 
 
 @pytest.fixture(scope="module")

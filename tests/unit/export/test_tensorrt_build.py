@@ -18,7 +18,7 @@ from typing import Any
 import onnx
 import pytest
 
-from musc_edge.errors import ModelError
+from musc_edge.core.errors import ModelError
 from musc_edge.export import tensorrt as build
 from musc_edge.runtime.backends import tensorrt as runner
 from musc_edge.runtime.model import read_meta
@@ -301,7 +301,7 @@ def test_int8_calibration_defaults_to_our_trt_mode_and_modelopt_is_asked_for(tmp
 
 def test_a_cuda_query_failure_after_the_build_leaves_the_old_engine_and_sidecar(tmp_path, tiny, simulated,
                                                                                 monkeypatch):
-    from musc_edge.errors import DeviceError
+    from musc_edge.core.errors import DeviceError
 
     simulated()
     bad = types.SimpleNamespace(value=35, name="cudaErrorInsufficientDriver")

@@ -14,7 +14,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from musc_edge.errors import DeviceError, InputError, ModelError
+from musc_edge.core.errors import DeviceError, InputError, ModelError
 from musc_edge.export import tensorrt as build
 from musc_edge.runtime.backends import tensorrt as runner
 from musc_edge.runtime.model import load_model, read_meta

@@ -48,7 +48,7 @@ def _quantize_in_child(src: Path, dst: Path, input_name: str | None = None) -> d
     script = f"""
 import dataclasses, json
 from pathlib import Path
-from musc_edge.errors import MuscEdgeError
+from musc_edge.core.errors import MuscEdgeError
 from musc_edge.export.tensorrt import quantize_for_tensorrt
 from musc_edge.runtime.model import read_meta
 meta = read_meta(Path({str(src)!r}))

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from musc_edge.errors import InputError, ModelError
+from musc_edge.core.errors import InputError, ModelError
 from musc_edge.export import backbones
 from musc_edge.export.weights import fetch_clip_checkpoint, load_state_dict, resolve_weights, sha256_file
 

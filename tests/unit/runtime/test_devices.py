@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from musc_edge.errors import DeviceError
+from musc_edge.core.errors import DeviceError
 from musc_edge.runtime.backends.onnxruntime import resolve_providers
 
 CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"

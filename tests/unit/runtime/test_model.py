@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("onnx")
 
-from musc_edge.errors import DeviceError, InputError, ModelError  # noqa: E402
+from musc_edge.core.errors import DeviceError, InputError, ModelError  # noqa: E402
 from musc_edge.runtime.model import load_model, read_meta  # noqa: E402
 from musc_edge.runtime.testing import make_tiny_model, tiny_meta  # noqa: E402
 

@@ -45,8 +45,8 @@ def test_runtime_runs_without_torch(tmp_path):
             pass
         else:
             raise SystemExit("the blocker does not work")
-        import musc_edge, musc_edge.io, musc_edge.meta, musc_edge.types, musc_edge.batch
-        import musc_edge.commands.score
+        import musc_edge, musc_edge.datasets, musc_edge.outputs, musc_edge.core.meta, musc_edge.core.types, musc_edge.score.folder
+        import musc_edge.cli.commands.score
         import musc_edge.runtime, musc_edge.runtime.model, musc_edge.runtime.preprocess
         import musc_edge.runtime.pipeline, musc_edge.runtime.backends.base
         import musc_edge.runtime.backends.onnxruntime

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from musc_edge.errors import DeviceError
+from musc_edge.core.errors import DeviceError
 from musc_edge.runtime.backends import onnxruntime as ort_backend
 from musc_edge.runtime.model import load_model
 from musc_edge.runtime.testing import make_tiny_model

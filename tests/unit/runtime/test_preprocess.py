@@ -7,8 +7,8 @@ import pytest
 
 cv2 = pytest.importorskip("cv2")
 
-from musc_edge.errors import ImageDecodeError, InputError  # noqa: E402
-from musc_edge.meta import ModelMeta  # noqa: E402
+from musc_edge.core.errors import ImageDecodeError, InputError  # noqa: E402
+from musc_edge.core.meta import ModelMeta  # noqa: E402
 from musc_edge.runtime.preprocess import decode_image, load_input, preprocess, resize_like_pil  # noqa: E402
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from musc_edge.errors import DeviceError
+from musc_edge.core.errors import DeviceError
 from musc_edge.runtime.backends import onnxruntime as ort_backend
 from musc_edge.runtime.backends.onnxruntime import open_session, resolve_providers
 from musc_edge.runtime.backends.ort_fallback import (OrtOutput, check_providers, likely_cause,

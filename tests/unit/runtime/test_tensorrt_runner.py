@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from musc_edge.errors import DeviceError, ModelError
-from musc_edge.meta import ModelMeta
+from musc_edge.core.errors import DeviceError, ModelError
+from musc_edge.core.meta import ModelMeta
 from musc_edge.runtime.backends import tensorrt as runner
 from musc_edge.runtime.testing import tiny_meta
 

@@ -5,8 +5,8 @@ The promise is that after a crash (kill -9, power loss) and a restart every imag
 the old or the new version, never half of one:
 
 - ``state/entries/<seq>.npz``: the prepared window entry of each image in the pool (its tokens,
-  embedding and pair rows, :class:`musc_edge.window.Entry`). Written *first*, atomically
-  (temp file, fsync, rename, fsync of the folder: :func:`musc_edge.io.atomic_write_bytes` with
+  embedding and pair rows, :class:`musc_edge.core.window.Entry`). Written *first*, atomically
+  (temp file, fsync, rename, fsync of the folder: :func:`musc_edge.core.durable.atomic_write_bytes` with
   ``fsync=True``): it is the redo log of the image being added.
 - ``results.jsonl``: one line per reported image carrying its ``seq``. Reports come in seq order,
   so the highest seq in the file says what has been reported; a line cut by a crash is dropped.
@@ -34,9 +34,9 @@ from typing import Iterable
 
 import numpy as np
 
-from .errors import StateError
-from .io import atomic_write_bytes
-from .window import Entry
+from musc_edge.core.durable import atomic_write_bytes
+from musc_edge.core.errors import StateError
+from musc_edge.core.window import Entry
 
 log = logging.getLogger(__name__)
 

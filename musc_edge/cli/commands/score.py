@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from musc_edge.options import (batch_option, device_option, heatmaps_option, k_option, model_option, out_option,
-                               r_option)
+from musc_edge.cli.options import (batch_option, device_option, heatmaps_option, k_option, layout_options,
+                                   mem_budget_option, model_option, out_option, r_option)
 
 
 @click.command(name="score")
@@ -18,8 +18,9 @@ from musc_edge.options import (batch_option, device_option, heatmaps_option, k_o
 @r_option
 @k_option
 @click.option("--gt", default="auto", show_default=True, metavar="auto|none|MASKDIR",
-              help="Ground truth: auto (labels and masks of an MVTec-style category), none, or a folder of "
-                   "<stem>_mask.png masks.")
+              help="Ground truth: auto (the layout's own labels and masks), none, or a folder of "
+                   "<stem>_mask.png masks (flat and mvtec layouts).")
+@layout_options
 @heatmaps_option
 @device_option
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
@@ -36,13 +37,17 @@ from musc_edge.options import (batch_option, device_option, heatmaps_option, k_o
 @click.option("--reference", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
               metavar="DIR", help="With --window: known-good images that seed every window and are never "
                                   "scored, so a defect repeated through a window still stands out.")
+@mem_budget_option
 def score(data_dir: Path, model_path: Path, out_dir: Path, batch: int, r_list: tuple[int, ...],
           k_list: tuple[int, ...], gt: str, heatmaps: bool, device: str, workers: int, quiet: bool,
-          window: int | None, order: str, reference: Path | None) -> None:
+          window: int | None, order: str, reference: Path | None, layout: str, normal_dir: str | None,
+          abnormal_dir: str | None, mask_dir: str | None, mem_budget: int | None) -> None:
     """Score every image of DIR against the others (MuSc, zero-shot) and write the results.
 
-    DIR is a flat folder of images (jpg/png/bmp/tiff) or an MVTec-style category
-    (DIR/test/<type>/, DIR/ground_truth/<type>/<stem>_mask.png; `good` images are normal).
+    DIR is a flat folder of images (jpg/png/bmp/tiff), an MVTec AD category (DIR/test/<type>/,
+    DIR/ground_truth/<type>/<stem>_mask.png; `good` images are normal), an MVTec LOCO AD category,
+    a VisA object (DIR with ../split_csv/1cls.csv) or anomalib's Folder layout (--layout folder
+    --normal-dir good --abnormal-dir bad --mask-dir masks).
     Writes OUT/scores.csv, OUT/run.json, OUT/metrics.json (when ground truth exists) and, with
     --heatmaps, OUT/maps/<type>/<stem>.png overlays at the original image size.
 
@@ -54,11 +59,13 @@ def score(data_dir: Path, model_path: Path, out_dir: Path, batch: int, r_list: t
       musc-edge score data/magnetic_tile --model effnet.onnx --out results --heatmaps
       musc-edge score /data/line1 --model effnet.onnx --out results --window 64 --order mtime
     """
-    from musc_edge.batch import ScoreSettings, score_folder
+    from musc_edge.core.params import MuscParams
+    from musc_edge.score.folder import ScoreSettings, score_folder
 
-    settings = ScoreSettings(batch_size=batch, r_list=r_list, k_list=k_list, gt=gt, heatmaps=heatmaps,
+    settings = ScoreSettings(batch_size=batch, params=MuscParams.of(r_list, None, k_list), gt=gt, heatmaps=heatmaps,
                              device=device, workers=workers, progress=not quiet, window=window, order=order,
-                             reference=reference)
+                             reference=reference, layout=layout, normal_dir=normal_dir, abnormal_dir=abnormal_dir,
+                             mask_dir=mask_dir, mem_budget_bytes=mem_budget)
     result = score_folder(data_dir, model_path, out_dir, settings)
     click.echo(format_summary(result.run, result.metrics, result.out_dir, result.files))
 
@@ -67,8 +74,8 @@ def format_summary(run: dict, metrics: dict | None, out_dir: Path, files: dict[s
     """A short table of what was done, how long it took and how well it scored."""
     counts, t = run["counts"], run["timings_s"]
     meta = run["model"]["meta"]
-    lines = [f"scored {counts['scored']} of {counts['found']} images ({counts['skipped']} skipped) with "
-             f"{meta['backbone']} @ {meta['image_size']} on {run['model']['backend']}"]
+    lines = [f"scored {counts['scored']} of {counts['found']} images ({counts['skipped']} skipped), layout "
+             f"{run['layout']}, with {meta['backbone']} @ {meta['image_size']} on {run['model']['backend']}"]
     if run["model"]["random_weights"]:
         lines.append("WARNING: random-weights model: these scores mean nothing")
     rate = run.get("images_per_s_features")

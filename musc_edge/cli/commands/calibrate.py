@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from musc_edge.errors import MuscEdgeError
-from musc_edge.options import batch_option, model_flag
+from musc_edge.core.errors import MuscEdgeError
+from musc_edge.cli.options import batch_option, model_flag
 
 
 @click.command(name="calibrate")
@@ -46,7 +46,7 @@ def calibrate(model_path: Path, images: Path, out_path: Path, mode: str | None, 
 
     Example: musc-edge calibrate --model vit_b16.onnx --images line/ --out vit_b16.int8.onnx
     """
-    from musc_edge.commands import missing_modules
+    from musc_edge.cli.commands import missing_modules
 
     missing = missing_modules("onnx", "onnxruntime")
     if missing:  # name both at once: [calib] alone brings onnx, not ONNX Runtime

@@ -1,4 +1,4 @@
-"""``musc-edge watch``: score each new image in a folder against a rolling pool (issue 4)."""
+"""``musc-edge watch``: score each new image in a folder against a rolling pool."""
 
 from __future__ import annotations
 
@@ -6,15 +6,18 @@ from pathlib import Path
 
 import click
 
-from musc_edge.options import device_option, heatmaps_option, k_option, model_option, out_option, r_option
+from musc_edge.cli.options import (device_option, heatmaps_option, k_option, mem_budget_option, model_option, out_option,
+                                   r_option)
 
 
 @click.command(name="watch")
 @click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
 @model_option
 @out_option
-@click.option("--window", "window", default=32, show_default=True, type=click.IntRange(1, 4096),
-              help="Stream images in the rolling pool (W); each new image costs W pair products.")
+@click.option("--window", "window", default=32, show_default=True, type=click.IntRange(1),
+              help="Stream images in the rolling pool (W); each new image costs W pair products. Its memory "
+                   "grows with W^2 and is checked against --mem-budget before anything is allocated.")
+@mem_budget_option
 @click.option("--delay", default=0, show_default=True, type=click.IntRange(0),
               help="Report an image once D newer images have arrived (0: at once; D < W).")
 @click.option("--min-pool", "min_pool", default=None, type=click.IntRange(2),
@@ -41,20 +44,22 @@ from musc_edge.options import device_option, heatmaps_option, k_option, model_op
 def watch(folder: Path, model_path: Path, out_dir: Path, window: int, delay: int, min_pool: int | None,
           reference: Path | None, threshold: float | None, heatmaps: bool, poll: bool, poll_interval: float,
           new_only: bool, recursive: bool, stable_s: float, batch: int, r_list: tuple[int, ...],
-          k_list: tuple[int, ...], device: str) -> None:
+          k_list: tuple[int, ...], device: str, mem_budget: int | None) -> None:
     """Watch FOLDER and score each new image as it lands.
 
     One JSON line per image is appended to OUT/results.jsonl (flushed and fsynced); the pool and a
     journal live in OUT/state/, so after a crash a restart reports every image exactly once.
     SIGINT/SIGTERM finish the current image and exit 0.
     """
-    from musc_edge.daemon import WatchConfig, WatchDaemon
+    from musc_edge.core.params import MuscParams
     from musc_edge.runtime.model import load_model
+    from musc_edge.watch.daemon import WatchConfig, WatchDaemon
 
     config = WatchConfig(folder=folder, out_dir=out_dir, window=window, delay=delay, min_pool=min_pool,
                          reference=reference, threshold=threshold, heatmaps=heatmaps, poll=poll,
                          poll_interval_s=poll_interval, new_only=new_only, recursive=recursive,
-                         stable_s=stable_s, batch=batch, r_list=r_list, k_list=k_list)
+                         stable_s=stable_s, batch=batch, params=MuscParams.of(r_list, None, k_list),
+                         mem_budget_bytes=mem_budget)
     with load_model(model_path, device) as model:
         summary = WatchDaemon(config, model).run()
     click.echo(f"stopped: {summary.scored} images scored, {summary.reported} reported, "

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .errors import InputError
+from .params import DEFAULT_K
 
 
 def normalise_scores(scores: np.ndarray) -> np.ndarray:
@@ -24,7 +25,7 @@ def normalise_scores(scores: np.ndarray) -> np.ndarray:
     return (s - lo) / (hi - lo)
 
 
-def rscin(scores: np.ndarray, embeddings: np.ndarray, k_list: Sequence[int] = (1, 2, 3)) -> np.ndarray:
+def rscin(scores: np.ndarray, embeddings: np.ndarray, k_list: Sequence[int] = DEFAULT_K) -> np.ndarray:
     """RsCIN image scores (MUSC_SPEC 5).
 
     scores: (N,) raw image scores (max of each patch map).

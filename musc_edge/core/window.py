@@ -12,13 +12,13 @@ one image, so almost all of those pair products are already known. This module k
 Adding an image costs one matrix product per (other image, layer, r), which gives both d_new,j and
 d_j,new (the row and column minima, MUSC_SPEC 3); evicting one is bookkeeping. The MSM map of an
 image is then an interval mean over the d_ij rows it already has, a selection (``np.partition``)
-over W values per patch. The maps equal :func:`musc_edge.scorer.score_tokens` over the same pool.
+over W values per patch. The maps equal :func:`musc_edge.core.scorer.score_tokens` over the same pool.
 
 Three layers:
 
 - :class:`PoolWindow`: the pool itself (add, evict, maps, RsCIN), keyed by a caller-chosen integer
   ``seq``. It knows nothing of order or emission.
-- :class:`RollingScorer`: the streaming policy on top (MUSC_SPEC 8, issue 4): a window of the last
+- :class:`RollingScorer`: the streaming policy on top (MUSC_SPEC 8): a window of the last
   ``capacity`` stream images plus fixed reference images, reporting each image once ``delay`` newer
   images have arrived and the pool holds ``min_pool`` images, oldest first (``watch``).
 - :class:`CentredStream`: a finite stream fed one image at a time, each image scored against a
@@ -39,10 +39,16 @@ import numpy as np
 
 from .errors import InputError, StateError
 from .lnamd import lnamd, patch_grid
-from .msm import EXACT_BELOW_D2, interval_bounds
+from .memory import check_fits, pool_footprint
+from .msm import check_interval, pair_block_bytes
+from .pairs import block_minima, interval_mean
+from .params import DEFAULT_PARAMS, MuscParams
 from .rscin import rscin
 from .scorer import score_tokens
 from .types import Scores
+
+#: Bytes of one product block when a new image is scored against the pool (its pair rows).
+_PREPARE_BLOCK_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -87,45 +93,11 @@ class Emission:
     map_range: tuple[float, float]
 
 
-def pair_rows(z_new: np.ndarray, zs: np.ndarray, block_bytes: int = 8 << 20) -> tuple[np.ndarray, np.ndarray]:
-    """Min distances between one image and each of P others, one product per pair (MUSC_SPEC 3).
-
-    z_new: (L, C) unit vectors; zs: (P, L, C) unit vectors (read in place, blockwise).
-    Returns (d_out, d_in), both (P, L) float32: d_out[j] = patches of the new image scored by
-    image j, d_in[j] = patches of image j scored by the new image.
-    Numerics as :mod:`musc_edge.msm`: the float32 estimate sqrt(2 - 2 a.b) from the product, and
-    where it is small (d^2 < ``EXACT_BELOW_D2``, where cancellation costs digits) ||a - b|| of the
-    arg-max patch pair in float64.
-    """
-    p, L, c = zs.shape
-    d_out = np.empty((p, L), np.float32)
-    d_in = np.empty((p, L), np.float32)
-    step = max(1, block_bytes // (4 * L * L))
-    limit = np.float32(np.sqrt(EXACT_BELOW_D2))
-    for j0 in range(0, p, step):
-        block = zs[j0:j0 + step]
-        b = block.shape[0]
-        sim = (block.reshape(b * L, c) @ z_new.T).reshape(b, L, L)  # sim[j, n, m] = z_j,n . z_new,m
-        for axis, out in ((1, d_out), (2, d_in)):
-            best = sim.argmax(axis=axis)  # (b, L): arg-max patch of the other image
-            s = np.take_along_axis(sim, np.expand_dims(best, axis), axis).squeeze(axis)
-            d = np.sqrt(np.maximum(np.float32(2.0) - np.float32(2.0) * s, np.float32(0.0)))
-            jj, kk = np.nonzero(d < limit)
-            if jj.size:
-                if axis == 1:  # new patch kk against patch best of image j
-                    a, bb = z_new[kk], block[jj, best[jj, kk]]
-                else:  # patch kk of image j against new patch best
-                    a, bb = block[jj, kk], z_new[best[jj, kk]]
-                diff = a.astype(np.float64) - bb.astype(np.float64)
-                d[jj, kk] = np.sqrt(np.einsum("kc,kc->k", diff, diff))
-            out[j0:j0 + b] = d
-    return d_out, d_in
-
-
 class PoolWindow:
     """A pool of at most ``slots`` images with their LNAMD features and pair min-distances.
 
-    Storage is preallocated, so memory does not grow with the number of images seen:
+    Storage is preallocated, so memory does not grow with the number of images seen, and its size
+    is checked against a budget before anything is allocated (:mod:`musc_edge.core.memory`):
     ``z[q]``: (slots, L, C_q) float32 per (layer, r) combination q;
     ``d``: (slots, Q, L, slots) float32 with d[i, q, :, j] = d_ij for layer/r q. Entries of free
     slots and the diagonal hold +inf: an interval mean over the ascending distances never reaches
@@ -133,19 +105,20 @@ class PoolWindow:
     """
 
     def __init__(self, grid: int, token_dims: Sequence[int], embed_dim: int, slots: int, *,
-                 r_list: Sequence[int] = (1, 3, 5), interval: tuple[float, float] = (0.0, 0.3),
-                 k_list: Sequence[int] = (1, 2, 3)) -> None:
+                 params: MuscParams = DEFAULT_PARAMS, mem_budget_bytes: int | None = None,
+                 what: str = "the pool", reserved_slots: int = 0) -> None:
         if slots < 2:
             raise InputError(f"a pool needs room for at least 2 images, got {slots}")
         self.grid = int(grid)
         self.token_dims = tuple(int(c) for c in token_dims)
         self.embed_dim = int(embed_dim)
         self.slots = int(slots)
-        self.r_list = tuple(int(r) for r in r_list)
-        self.interval = (float(interval[0]), float(interval[1]))
-        self.k_list = tuple(int(k) for k in k_list)
+        self.params = params
         #: (layer index, r) for each combination q, layer-major like the batch scorer
-        self.combos = tuple((layer, r) for layer in range(len(self.token_dims)) for r in self.r_list)
+        self.combos = params.combos(len(self.token_dims))
+        self.footprint = pool_footprint(self.slots, self.grid * self.grid, self.token_dims, len(params.r_list),
+                                        self.embed_dim)
+        check_fits(self.footprint, mem_budget_bytes, what=what, reserved_slots=reserved_slots)
         n_patches = self.grid * self.grid
         self._z = [np.zeros((self.slots, n_patches, self.token_dims[layer]), np.float32)
                    for layer, _ in self.combos]
@@ -187,9 +160,10 @@ class PoolWindow:
                 partners: Sequence[int] | None = None, info: dict | None = None) -> Entry:
         """Compute an image's entry against ``partners`` (default: the whole pool). Pure.
 
-        One product per (partner, combination) gives both directions (MUSC_SPEC 3), so the cost is
-        linear in the number of partners. The products run against whole blocks of slots in place
-        (no gather); rows of slots that are not partners are dropped.
+        One product per (partner, combination) gives both directions (MUSC_SPEC 3) through the
+        pair kernel (:func:`musc_edge.core.pairs.block_minima`), so the cost is linear in the
+        number of partners. The products run against whole blocks of slots in place (no gather);
+        rows of slots that are not partners are dropped.
         """
         emb = np.asarray(embedding, np.float32).reshape(-1)
         if emb.shape != (self.embed_dim,):
@@ -202,9 +176,16 @@ class PoolWindow:
         d_in = np.empty_like(d_out)
         if len(slots):
             hi = int(slots.max()) + 1
+            step = max(1, _PREPARE_BLOCK_BYTES // pair_block_bytes(n_patches))
             for q in range(len(self.combos)):
-                rows_out, rows_in = pair_rows(z[q], self._z[q][:hi])
-                d_out[:, q], d_in[:, q] = rows_out[slots], rows_in[slots]
+                out_q = np.empty((n_patches, hi), np.float32)
+                in_q = np.empty((hi, n_patches), np.float32)
+                for j0 in range(0, hi, step):
+                    j1 = min(hi, j0 + step)
+                    rows, cols = block_minima(z[q][None], self._z[q][j0:j1])
+                    out_q[:, j0:j1] = rows[0]
+                    in_q[j0:j1] = cols[:, :, 0]
+                d_out[:, q], d_in[:, q] = out_q.T[slots], in_q[slots]
         return Entry(int(seq), tuple(np.asarray(t) for t in tokens), emb, partners, d_out, d_in,
                      dict(info or {}), z)
 
@@ -244,22 +225,19 @@ class PoolWindow:
     def patch_maps(self, seqs: Sequence[int]) -> np.ndarray:
         """(len(seqs), G, G) float64 MSM maps against the rest of the pool (MUSC_SPEC 3).
 
-        Cost per image: one selection over its (Q, L, slots) row of d, linear in the pool size.
-        Images are taken in chunks of about 4 MB so the temporary copy stays small.
+        Cost per image: one selection over its (Q, L, slots) row of d, linear in the pool size
+        (:func:`musc_edge.core.pairs.interval_mean`, the batch MSM's own). Images are taken in
+        chunks of about 4 MB so the temporary copy stays small.
         """
         n = len(self._slot_of)
         if n < 2:
             raise InputError(f"MuSc needs at least 2 images in the pool, got {n}")
-        lo, hi = interval_bounds(n - 1, self.interval)
-        # The lo smallest are below position lo and the rest of [lo, hi) below hi - 1 after this.
-        kth = sorted({lo, hi - 1}) if lo > 0 else [hi - 1]
+        lo, hi = check_interval(n, self.params.interval)
         slots = [self._slot_of[s] for s in seqs]
         chunk = max(1, (4 << 20) // self._d[0].nbytes)
         out = np.empty((len(slots), self.grid * self.grid), np.float64)
         for c0 in range(0, len(slots), chunk):
-            rows = self._d[slots[c0:c0 + chunk]]  # (c, Q, L, slots); self and free slots are +inf
-            part = np.partition(rows, kth, axis=-1)[..., lo:hi]
-            a = part.mean(axis=-1, dtype=np.float64)  # (c, Q, L): A_i for each layer and r
+            a = interval_mean(self._d[slots[c0:c0 + chunk]], lo, hi)  # (c, Q, L): A_i per layer and r
             out[c0:c0 + chunk] = a.mean(axis=1)
         return out.reshape(len(slots), self.grid, self.grid)
 
@@ -272,7 +250,7 @@ class PoolWindow:
         maps = self.patch_maps(seqs)
         raw = maps.reshape(len(seqs), -1).max(axis=1)
         emb = self._emb[[self._slot_of[s] for s in seqs]]
-        return seqs, maps, raw, rscin(raw, emb, self.k_list)
+        return seqs, maps, raw, rscin(raw, emb, self.params.k_list)
 
 
 def check_stream_settings(capacity: int, delay: int, min_pool: int, n_references: int = 0) -> None:
@@ -290,7 +268,7 @@ def check_stream_settings(capacity: int, delay: int, min_pool: int, n_references
 
 
 class RollingScorer:
-    """Streaming emission over a :class:`PoolWindow` (issue 4, MUSC_SPEC 8).
+    """Streaming emission over a :class:`PoolWindow` (MUSC_SPEC 8).
 
     The pool is the ``references`` (added first, never evicted, never reported) plus the last
     ``capacity`` stream images. A stream image is reported once ``delay`` newer images have arrived
@@ -301,16 +279,16 @@ class RollingScorer:
 
     def __init__(self, grid: int, token_dims: Sequence[int], embed_dim: int, *, capacity: int,
                  delay: int = 0, min_pool: int = 8, n_references: int = 0,
-                 r_list: Sequence[int] = (1, 3, 5), interval: tuple[float, float] = (0.0, 0.3),
-                 k_list: Sequence[int] = (1, 2, 3)) -> None:
+                 params: MuscParams = DEFAULT_PARAMS, mem_budget_bytes: int | None = None) -> None:
         check_stream_settings(capacity, delay, min_pool, n_references)
         pool_max = capacity + n_references
         self.capacity = int(capacity)
         self.delay = int(delay)
         self.min_pool = int(min_pool)
         self.n_references = int(n_references)
-        self.pool = PoolWindow(grid, token_dims, embed_dim, pool_max, r_list=r_list, interval=interval,
-                               k_list=k_list)
+        what = f"--window {capacity}" + (f" with {n_references} references" if n_references else "")
+        self.pool = PoolWindow(grid, token_dims, embed_dim, pool_max, params=params,
+                               mem_budget_bytes=mem_budget_bytes, what=what, reserved_slots=n_references)
         self.references: list[int] = []
         self.stream: deque[int] = deque()  # stream seqs in the pool, oldest first
         self.pending: deque[int] = deque()  # stream seqs not yet reported, oldest first
@@ -411,7 +389,7 @@ class CentredStream:
 
     Nothing is kept per image but its result: while at most ``window`` stream images have arrived
     their tokens are buffered, because a stream that ends there is one pool and is scored exactly
-    like batch MuSc (:func:`musc_edge.scorer.score_tokens`, the same numbers as without a window).
+    like batch MuSc (:func:`musc_edge.core.scorer.score_tokens`, the same numbers as without a window).
     The (W+1)-th image starts a :class:`RollingScorer` (capacity W, delay W // 2): the buffer is
     pushed into it and dropped, and from then on each image goes straight in. So at most
     ``window + references`` images' tokens are ever held (:attr:`peak_held`), besides the one
@@ -420,13 +398,18 @@ class CentredStream:
     """
 
     def __init__(self, grid: int, token_dims: Sequence[int], embed_dim: int, *, window: int,
-                 r_list: Sequence[int] = (1, 3, 5), interval: tuple[float, float] = (0.0, 0.3),
-                 k_list: Sequence[int] = (1, 2, 3)) -> None:
+                 params: MuscParams = DEFAULT_PARAMS, mem_budget_bytes: int | None = None,
+                 n_references: int = 0) -> None:
         if window < 2:
             raise InputError(f"--window must be at least 2, got {window}")
         self.grid, self.token_dims, self.embed_dim = int(grid), tuple(token_dims), int(embed_dim)
         self.window = int(window)
-        self.r_list, self.interval, self.k_list = tuple(r_list), interval, tuple(k_list)
+        self.params = params
+        self.mem_budget_bytes = mem_budget_bytes
+        # Refused now, not when image W + 1 arrives: the pool's size is known from the settings.
+        check_fits(pool_footprint(self.window + n_references, self.grid * self.grid, self.token_dims,
+                                  len(params.r_list), self.embed_dim), mem_budget_bytes,
+                   what=f"--window {self.window}", reserved_slots=n_references)
         self._refs: list[tuple[tuple[np.ndarray, ...], np.ndarray]] = []
         self._buffer: list[tuple[tuple[np.ndarray, ...], np.ndarray]] = []
         self._scorer: RollingScorer | None = None
@@ -473,8 +456,7 @@ class CentredStream:
             if len(images) < 2:
                 raise InputError(f"MuSc scores images against each other and needs >= 2, got {len(images)}")
             pool = score_tokens([np.stack([img[0][layer] for img in images]) for layer in range(len(self.token_dims))],
-                                np.stack([img[1] for img in images]), r_list=self.r_list, interval=self.interval,
-                                k_list=self.k_list)
+                                np.stack([img[1] for img in images]), params=self.params)
             skip = len(self._refs)
             self._refs, self._buffer = [], []
             return Scores(pool.patch_maps[skip:], pool.image_scores_raw[skip:], pool.image_scores[skip:])
@@ -487,7 +469,7 @@ class CentredStream:
         """More images than one window: from now on each image goes through the rolling scorer."""
         self._scorer = RollingScorer(self.grid, self.token_dims, self.embed_dim, capacity=self.window,
                                      delay=self.window // 2, min_pool=2, n_references=len(self._refs),
-                                     r_list=self.r_list, interval=self.interval, k_list=self.k_list)
+                                     params=self.params, mem_budget_bytes=self.mem_budget_bytes)
         n_refs = len(self._refs)
         for i in range(n_refs):  # popped as they go in: their LNAMD features now live in the pool
             tokens, embedding = self._refs.pop(0)
@@ -502,19 +484,18 @@ class CentredStream:
 
 
 def stream_scores(layer_tokens: Sequence[np.ndarray], embedding: np.ndarray, *, window: int,
-                  r_list: Sequence[int] = (1, 3, 5), interval: tuple[float, float] = (0.0, 0.3),
-                  k_list: Sequence[int] = (1, 2, 3)) -> Scores:
+                  params: MuscParams = DEFAULT_PARAMS, mem_budget_bytes: int | None = None) -> Scores:
     """Score N images, held in memory, in their given order as a stream (:class:`CentredStream`).
 
     Each image is scored against a centred window (``window // 2`` newer images, the rest older;
     the last ones against the final window), so the scoring costs O(N * W) pair products instead
     of batch MuSc's O(N^2). With N <= window the whole set is one pool and this is
-    :func:`musc_edge.scorer.score_tokens`.
+    :func:`musc_edge.core.scorer.score_tokens`.
     layer_tokens: (N, 1 + G*G, C_l) per tapped layer; embedding: (N, D). Returns Scores in order.
     """
     embedding = np.asarray(embedding)
     stream = CentredStream(patch_grid(layer_tokens[0].shape[1]), [t.shape[2] for t in layer_tokens],
-                           embedding.shape[1], window=window, r_list=r_list, interval=interval, k_list=k_list)
+                           embedding.shape[1], window=window, params=params, mem_budget_bytes=mem_budget_bytes)
     for i in range(embedding.shape[0]):
         stream.push([t[i] for t in layer_tokens], embedding[i])
     return stream.finish()

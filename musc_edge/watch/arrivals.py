@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Protocol
 
-from .io import is_image_name
+from musc_edge.datasets import is_image_name
 
 log = logging.getLogger(__name__)
 

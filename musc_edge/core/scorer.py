@@ -13,11 +13,12 @@ import numpy as np
 
 from .errors import InputError
 from .lnamd import lnamd, patch_grid
-from .msm import interval_bounds, msm
+from .msm import check_interval, msm
+from .params import DEFAULT_PARAMS, MuscParams
 from .rscin import rscin
 from .types import Scores
 
-__all__ = ["score_tokens", "msm", "upsample_map", "validate_layer_tokens"]
+__all__ = ["score_tokens", "upsample_map", "validate_layer_tokens"]
 
 
 def validate_layer_tokens(layer_tokens: Sequence[np.ndarray]) -> tuple[int, int]:
@@ -67,9 +68,7 @@ def score_tokens(
     layer_tokens: Sequence[np.ndarray],
     embeddings: np.ndarray | None = None,
     *,
-    r_list: Sequence[int] = (1, 3, 5),
-    interval: tuple[float, float] = (0.0, 0.3),
-    k_list: Sequence[int] = (1, 2, 3),
+    params: MuscParams = DEFAULT_PARAMS,
     mem_budget_bytes: int = 1 << 30,
 ) -> Scores:
     """Score a pool of images from their tapped-layer tokens (MUSC_SPEC 2-5).
@@ -78,15 +77,12 @@ def score_tokens(
         is dropped.
     embeddings: (N, D) L2-normalised image embeddings for RsCIN, or None (then
         ``image_scores == image_scores_raw``).
-    r_list: LNAMD aggregation degrees; interval: MSM interval of the sorted other images;
-    k_list: RsCIN neighbourhood sizes; mem_budget_bytes: MSM's extra-memory bound.
-    Returns :class:`musc_edge.types.Scores` (float64 arrays).
+    params: r list, MSM interval and RsCIN k list (:class:`musc_edge.core.params.MuscParams`);
+    mem_budget_bytes: MSM's extra-memory bound.
+    Returns :class:`musc_edge.core.types.Scores` (float64 arrays).
     """
     n, g = validate_layer_tokens(layer_tokens)
-    interval_bounds(n - 1, interval)
-    r_values = [int(r) for r in r_list]
-    if not r_values:
-        raise InputError("r_list is empty: pass at least one aggregation degree, e.g. (1, 3, 5)")
+    check_interval(n, params.interval)
     if embeddings is not None:
         e = np.asarray(embeddings)
         if e.ndim != 2 or e.shape[0] != n:
@@ -97,14 +93,14 @@ def score_tokens(
     total = np.zeros((n, g * g), dtype=np.float64)
     count = 0
     for tokens in layer_tokens:
-        for r in r_values:
+        for r in params.r_list:
             z = lnamd(np.asarray(tokens), r)
-            total += msm(z, interval, mem_budget_bytes=mem_budget_bytes)
+            total += msm(z, params.interval, mem_budget_bytes=mem_budget_bytes)
             count += 1
             del z
     maps = (total / count).reshape(n, g, g)
     raw = maps.reshape(n, -1).max(axis=1)
-    final = raw.copy() if embeddings is None else rscin(raw, embeddings, k_list)
+    final = raw.copy() if embeddings is None else rscin(raw, embeddings, params.k_list)
     return Scores(patch_maps=maps, image_scores_raw=raw, image_scores=final)
 
 

@@ -4,15 +4,10 @@
 
 1. **features + score**: the runtime decodes the next batch in a background thread while the
    backbone runs (``musc_edge.runtime.pipeline``); decoded images are never kept, unreadable files
-   are skipped and listed. Each batch of features goes straight to a :class:`PoolScorer`, which
-   owns the memory of the scoring:
-
-   - :class:`BatchPool` (default): keeps every image's tokens (float16, MUSC_SPEC 8: the pool's
-     tokens are the memory bound) and scores the whole pool in one call of a *score step*
-     (default: batch MuSc, :func:`musc_edge.score_tokens`, MUSC_SPEC 2-5). Memory O(N).
-   - :class:`StreamPool` (``--window W``): pushes each image into a
-     :class:`musc_edge.window.CentredStream` as it arrives and keeps only its G x G map and
-     scores; at most W images' tokens (plus ``--reference`` images) are ever held. Memory O(W).
+   are skipped and listed. Each batch of features goes straight to a pool scorer
+   (:mod:`musc_edge.core.pools`), which owns the memory of the scoring: batch MuSc over all images
+   (:class:`~musc_edge.core.pools.BatchPool`) or a centred rolling window (``--window W``,
+   :class:`~musc_edge.core.pools.StreamPool`).
 2. **outputs**: ``scores.csv``, heatmap overlays at the original image size (``--heatmaps``;
    MUSC_SPEC 4: bilinear upsampling of the G x G map), ``metrics.json`` when ground truth exists.
 3. **metrics**: image AUROC/AP/F1-max and pixel AUROC/AP/F1-max/AUPRO (MUSC_SPEC 6) at the
@@ -25,34 +20,23 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .errors import ImageDecodeError, InputError
-from .io import (Dataset, Sample, discover, grouped_by_type, heatmap_overlay, order_samples, output_names, read_mask,
-                 reference_images, write_csv, write_json, write_png)
-from .meta import ModelMeta
-from .types import Scores
-from .window import CentredStream
+from musc_edge import __version__
+from musc_edge.core.errors import ImageDecodeError, InputError
+from musc_edge.core.meta import ModelMeta
+from musc_edge.core.params import DEFAULT_PARAMS, MuscParams
+from musc_edge.core.pools import BatchPool, PoolScorer, ScoreStep, StreamPool, batch_score_step
+from musc_edge.core.types import Scores
+from musc_edge.datasets import Dataset, Sample, discover, grouped_by_type, order_samples, reference_images
+from musc_edge.datasets.evaluation import evaluate, full_size_map
+from musc_edge.outputs import heatmap_overlay, output_names, write_csv, write_json, write_png
 
 log = logging.getLogger(__name__)
-
-#: A score step: (tokens per layer (N, 1 + G*G, C), embeddings (N, D), r_list, k_list) -> Scores.
-ScoreStep = Callable[[Sequence[np.ndarray], np.ndarray, Sequence[int], Sequence[int]], Scores]
-
-
-def batch_score_step(tokens: Sequence[np.ndarray], embedding: np.ndarray, r_list: Sequence[int],
-                     k_list: Sequence[int]) -> Scores:
-    """Batch MuSc over the whole pool (MUSC_SPEC 2-5): every image scored against all others."""
-    from .scorer import score_tokens
-
-    return score_tokens(list(tokens), embedding, r_list=tuple(r_list), k_list=tuple(k_list))
 
 
 @dataclass(frozen=True)
@@ -60,8 +44,7 @@ class ScoreSettings:
     """How to score: the flags of ``musc-edge score``."""
 
     batch_size: int = 8
-    r_list: tuple[int, ...] = (1, 3, 5)
-    k_list: tuple[int, ...] = (1, 2, 3)
+    params: MuscParams = DEFAULT_PARAMS
     gt: str = "auto"
     heatmaps: bool = False
     device: str = "auto"
@@ -70,6 +53,11 @@ class ScoreSettings:
     window: int | None = None  #: stream through a centred rolling window of W images (None: batch MuSc)
     order: str = "name"  #: listing order of the images: "name" or "mtime" (what a window streams in)
     reference: Path | None = None  #: known-good images seeding every window (window mode only)
+    layout: str = "auto"  #: dataset layout (musc_edge.datasets.LAYOUTS) or auto
+    normal_dir: str | None = None  #: --layout folder: the normal images' folder
+    abnormal_dir: str | None = None  #: --layout folder: the abnormal images' folder
+    mask_dir: str | None = None  #: --layout folder: the masks' folder
+    mem_budget_bytes: int | None = None  #: the window's memory budget (None: a share of what is available)
 
 
 @dataclass
@@ -84,86 +72,6 @@ class ScoreResult:
     metrics: dict | None
     run: dict
     files: dict[str, str] = field(default_factory=dict)
-
-
-class PoolScorer(ABC):
-    """Takes the pool's features batch by batch as the backbone produces them; scores at the end.
-
-    The one place that decides what of the features is kept, and so the memory of the scoring.
-    """
-
-    #: what ``run.json`` calls this scorer
-    name: str = "pool"
-
-    @abstractmethod
-    def add(self, tokens: Sequence[np.ndarray], embedding: np.ndarray) -> None:
-        """A batch of images: tokens (b, 1 + G*G, C_l) per tapped layer, embeddings (b, D)."""
-
-    @abstractmethod
-    def finish(self) -> Scores:
-        """Scores of every image added, in the order added."""
-
-
-class BatchPool(PoolScorer):
-    """Batch MuSc: keep every image's tokens (float16) and score the whole pool in one step."""
-
-    def __init__(self, meta: ModelMeta, capacity: int, settings: ScoreSettings,
-                 score_step: ScoreStep = batch_score_step) -> None:
-        n_tokens = 1 + meta.grid * meta.grid
-        self._tokens = [np.empty((capacity, n_tokens, c), np.float16) for c in meta.token_dims]
-        self._embedding = np.empty((capacity, meta.embed_dim), np.float32)
-        self._n = 0
-        self.r_list, self.k_list, self.score_step = settings.r_list, settings.k_list, score_step
-        self.name = getattr(score_step, "__name__", type(score_step).__name__)
-
-    @property
-    def tokens(self) -> list[np.ndarray]:
-        """The tokens added so far, (n, 1 + G*G, C_l) float16 per tapped layer."""
-        return [t[:self._n] for t in self._tokens]
-
-    @property
-    def embedding(self) -> np.ndarray:
-        return self._embedding[:self._n]
-
-    def add(self, tokens: Sequence[np.ndarray], embedding: np.ndarray) -> None:
-        i, b = self._n, len(embedding)
-        for layer, t in enumerate(tokens):
-            self._tokens[layer][i:i + b] = t
-        self._embedding[i:i + b] = embedding
-        self._n += b
-
-    def finish(self) -> Scores:
-        scores = self.score_step(self.tokens, self.embedding, self.r_list, self.k_list)
-        self._tokens, self._embedding = [], np.empty((0, self._embedding.shape[1]), np.float32)  # freed
-        return scores
-
-
-class StreamPool(PoolScorer):
-    """``--window W``: each image goes into a :class:`musc_edge.window.CentredStream` as it comes.
-
-    Tokens are cast to float16 first, as :class:`BatchPool` keeps them, so a folder of at most W
-    images gets exactly the scores of batch mode.
-    """
-
-    def __init__(self, meta: ModelMeta, settings: ScoreSettings) -> None:
-        if settings.window is None:
-            raise ValueError("StreamPool needs settings.window")
-        self.stream = CentredStream(meta.grid, meta.token_dims, meta.embed_dim, window=settings.window,
-                                    r_list=settings.r_list, k_list=settings.k_list)
-        self.name = f"rolling_window_{settings.window}"
-
-    def add_references(self, tokens: Sequence[np.ndarray], embedding: np.ndarray) -> None:
-        """A batch of known-good images that seed every window (before the first :meth:`add`)."""
-        for i in range(len(embedding)):
-            self.stream.add_reference([np.asarray(t[i], np.float16) for t in tokens], embedding[i])
-
-    def add(self, tokens: Sequence[np.ndarray], embedding: np.ndarray) -> None:
-        half = [np.asarray(t, np.float16) for t in tokens]
-        for i in range(len(embedding)):
-            self.stream.push([t[i] for t in half], embedding[i])
-
-    def finish(self) -> Scores:
-        return self.stream.finish()
 
 
 @dataclass
@@ -204,7 +112,9 @@ def score_folder(data_dir: str | Path, model_path: str | Path, out_dir: str | Pa
     out_dir = Path(out_dir)
     t = time.perf_counter()
     exclude = [out_dir] + ([settings.reference] if settings.reference is not None else [])
-    dataset = discover(data_dir, settings.gt, exclude=exclude)
+    dataset = discover(data_dir, settings.gt, layout=settings.layout, exclude=exclude,
+                       normal_dir=settings.normal_dir, abnormal_dir=settings.abnormal_dir,
+                       mask_dir=settings.mask_dir)
     dataset = replace(dataset, samples=order_samples(dataset.samples, settings.order))
     references = reference_images(settings.reference) if settings.reference is not None else []
     timings["discover_s"] = time.perf_counter() - t
@@ -222,7 +132,7 @@ def score_folder(data_dir: str | Path, model_path: str | Path, out_dir: str | Pa
     extractor = load_model(model_path, settings.device) if own else extractor
     timings["load_model_s"] = time.perf_counter() - t
     try:
-        pool = make_pool_scorer(settings, extractor.meta, len(dataset.samples), score_step)
+        pool = make_pool_scorer(settings, extractor.meta, len(dataset.samples), score_step, len(references))
         if references:
             t = time.perf_counter()
             _add_references(pool, references, extractor, settings)
@@ -267,7 +177,8 @@ def score_folder(data_dir: str | Path, model_path: str | Path, out_dir: str | Pa
         "layout": dataset.layout,
         "model": {"path": str(model_path), "backend": extractor.description, "random_weights": meta.is_random,
                   "meta": meta.to_dict()},
-        "settings": {"batch": settings.batch_size, "r": list(settings.r_list), "k": list(settings.k_list),
+        "settings": {"batch": settings.batch_size, "r": list(settings.params.r_list), "k": list(settings.params.k_list),
+                     "interval": list(settings.params.interval), "layout": settings.layout,
                      "gt": str(settings.gt), "heatmaps": settings.heatmaps, "device": settings.device,
                      "workers": settings.workers, "scorer": pool.name, "window": settings.window,
                      "order": settings.order,
@@ -287,11 +198,12 @@ def score_folder(data_dir: str | Path, model_path: str | Path, out_dir: str | Pa
 
 
 def make_pool_scorer(settings: ScoreSettings, meta: ModelMeta, n_images: int,
-                     score_step: ScoreStep = batch_score_step) -> PoolScorer:
+                     score_step: ScoreStep = batch_score_step, n_references: int = 0) -> PoolScorer:
     """The pool scorer ``settings`` ask for: :class:`StreamPool` with a window, else :class:`BatchPool`."""
     if settings.window is None:
-        return BatchPool(meta, n_images, settings, score_step)
-    return StreamPool(meta, settings)
+        return BatchPool(meta, n_images, settings.params, score_step)
+    return StreamPool(meta, settings.window, settings.params, mem_budget_bytes=settings.mem_budget_bytes,
+                      n_references=n_references)
 
 
 def _add_references(pool: PoolScorer, paths: list[Path], extractor: Any, settings: ScoreSettings) -> None:
@@ -356,13 +268,6 @@ def _write_scores(out_dir: Path, samples: list[Sample], scores: Scores) -> Path:
     return path
 
 
-def full_size_map(patch_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """The G x G patch map at the original image size (h, w), float32 (MUSC_SPEC 4)."""
-    from .scorer import upsample_map
-
-    return np.asarray(upsample_map(patch_map, size), dtype=np.float32)
-
-
 def _write_heatmaps(out_dir: Path, samples: list[Sample], sizes: list[tuple[int, int]], patch_maps: np.ndarray,
                     warnings: list[str]) -> Path:
     """Overlay each image's map at its original size; one colour scale for the whole run."""
@@ -383,76 +288,3 @@ def _write_heatmaps(out_dir: Path, samples: list[Sample], sizes: list[tuple[int,
     return maps_dir
 
 
-class _LazyMaps(Sequence):
-    """Full-size maps computed on access, so that only one is alive at a time (memory bound)."""
-
-    def __init__(self, patch_maps: np.ndarray, sizes: list[tuple[int, int]], index: list[int]) -> None:
-        self.patch_maps, self.sizes, self.index = patch_maps, sizes, index
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, i: int) -> np.ndarray:  # type: ignore[override]
-        j = self.index[i]
-        return full_size_map(self.patch_maps[j], self.sizes[j])
-
-
-class _LazyMasks(Sequence):
-    """Masks read on access: a good image's mask is all zero (MVTec convention)."""
-
-    def __init__(self, samples: list[Sample], sizes: list[tuple[int, int]], index: list[int]) -> None:
-        self.samples, self.sizes, self.index = samples, sizes, index
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, i: int) -> np.ndarray:  # type: ignore[override]
-        j = self.index[i]
-        s, hw = self.samples[j], self.sizes[j]
-        if s.mask_path is None:
-            return np.zeros(hw, dtype=bool)
-        return read_mask(s.mask_path, hw)
-
-
-def evaluate(samples: list[Sample], sizes: list[tuple[int, int]], scores: Scores, warnings: list[str]) -> dict | None:
-    """Every metric of MUSC_SPEC 6 the ground truth allows; undefined ones are None with a reason."""
-    from .metrics import UndefinedMetricError, image_metrics, pixel_metrics
-
-    result: dict[str, Any] = {}
-    reasons: dict[str, str] = {}
-    labelled = [i for i, s in enumerate(samples) if s.label is not None]
-    labels = np.array([samples[i].label for i in labelled], dtype=int)
-    result["counts"] = {"images": len(labelled), "defective": int(labels.sum()),
-                        "normal": int(len(labels) - labels.sum())}
-    for key, values in (("image", scores.image_scores), ("image_raw", scores.image_scores_raw)):
-        try:
-            result[key] = dict(image_metrics(labels, np.asarray(values)[labelled]))
-        except UndefinedMetricError as e:
-            result[key] = None
-            reasons[key] = str(e)
-    pixel_index = []
-    for i in labelled:
-        s = samples[i]
-        if not s.has_mask_truth:
-            continue
-        if s.mask_path is not None:
-            try:
-                read_mask(s.mask_path)
-            except ImageDecodeError as e:
-                warnings.append(f"mask of {s.rel} unreadable, left out of pixel metrics: {e}")
-                continue
-        pixel_index.append(i)
-    if any(samples[i].mask_path is not None for i in pixel_index):
-        import warnings as _w
-
-        with _w.catch_warnings():
-            _w.simplefilter("ignore")
-            pm = pixel_metrics(_LazyMasks(samples, sizes, pixel_index), _LazyMaps(scores.patch_maps, sizes, pixel_index))
-        result["pixel"] = dict(pm)
-        reasons.update({f"pixel.{k}": v for k, v in pm.reasons.items()})
-        result["counts"]["pixel_images"] = len(pixel_index)
-    else:
-        result["pixel"] = None
-        reasons["pixel"] = "no ground-truth masks found: pixel metrics need ground_truth/<type>/<stem>_mask.png"
-    result["undefined"] = reasons
-    return result

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import click
 
-from musc_edge.errors import DeviceError, InputError, MuscEdgeError
-from musc_edge.commands import missing_modules
+from musc_edge.core.errors import DeviceError, InputError, MuscEdgeError
+from musc_edge.cli.commands import missing_modules
 from musc_edge.export import backbones
-from musc_edge.options import parse_int_list
+from musc_edge.cli.options import parse_int_list
 
 RANDOM_WARNING = ("warning: --weights random: this model has random weights, so every score computed "
                   "with it means nothing (use it only to test the pipeline)")

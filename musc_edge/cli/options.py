@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .errors import InputError
+from musc_edge.core.errors import InputError
 
 
 def parse_int_list(text: str, name: str) -> tuple[int, ...]:
@@ -47,3 +47,31 @@ k_option = click.option("--k", "k_list", default="1,2,3", show_default=True, cal
 out_option = click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
                           help="Output folder (created if missing).")
 heatmaps_option = click.option("--heatmaps", is_flag=True, help="Write heatmap overlays at the original size.")
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str | None):
+    from musc_edge.core.memory import parse_size
+
+    return None if value is None else parse_size(value)
+
+
+mem_budget_option = click.option(
+    "--mem-budget", "mem_budget", default=None, metavar="SIZE", callback=_size,
+    help="Memory the rolling pool may take (8GiB, 512MiB; a plain number is GiB) [default: half of the "
+         "memory available]. A --window over it is refused with the largest one that fits.")
+
+
+def layout_options(f):
+    """``--layout`` and anomalib Folder's ``--normal-dir/--abnormal-dir/--mask-dir``."""
+    from musc_edge.datasets import LAYOUTS
+
+    f = click.option("--mask-dir", "mask_dir", default=None, metavar="DIR",
+                     help="--layout folder: the masks (<stem>.png or <stem>_mask.png), relative to DIR.")(f)
+    f = click.option("--abnormal-dir", "abnormal_dir", default=None, metavar="DIR",
+                     help="--layout folder: the defective images, relative to DIR.")(f)
+    f = click.option("--normal-dir", "normal_dir", default=None, metavar="DIR",
+                     help="--layout folder: the good images, relative to DIR.")(f)
+    f = click.option("--layout", default="auto", show_default=True, type=click.Choice(["auto", *LAYOUTS]),
+                     help="Dataset layout of DIR: " + "; ".join(f"{n}: {l.summary}" for n, l in LAYOUTS.items())
+                          + ". auto detects visa, loco, mvtec, then flat (folder when --normal-dir is given).")(f)
+    return f

@@ -2,7 +2,7 @@
 
 Each command lives in ``musc_edge/commands/<name>.py`` and is imported only when it runs, so
 ``musc-edge --help`` stays fast and the scoring box never imports torch. A
-:class:`~musc_edge.errors.MuscEdgeError` becomes one line on stderr and exit code 2; any other
+:class:`~musc_edge.core.errors.MuscEdgeError` becomes one line on stderr and exit code 2; any other
 exception is an internal error, exit code 1 (traceback only with ``--debug``).
 """
 
@@ -14,15 +14,15 @@ import sys
 
 import click
 
-from . import __version__
-from .errors import MuscEdgeError
+from musc_edge import __version__
+from musc_edge.core.errors import MuscEdgeError
 
 #: command name -> "module:attribute"
 COMMANDS: dict[str, str] = {
-    "export": "musc_edge.commands.export:export",
-    "score": "musc_edge.commands.score:score",
-    "watch": "musc_edge.commands.watch:watch",
-    "calibrate": "musc_edge.commands.calibrate:calibrate",
+    "export": "musc_edge.cli.commands.export:export",
+    "score": "musc_edge.cli.commands.score:score",
+    "watch": "musc_edge.cli.commands.watch:watch",
+    "calibrate": "musc_edge.cli.commands.calibrate:calibrate",
 }
 
 HELP = {

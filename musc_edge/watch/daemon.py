@@ -1,8 +1,8 @@
 """The ``musc-edge watch`` loop: files in, one result line per image out, crash-safe (issue 4).
 
-Glue only: :mod:`musc_edge.arrivals` decides when a file is complete, the runtime turns it into
-features, :class:`musc_edge.window.RollingScorer` scores it against the rolling pool, and
-:class:`musc_edge.journal.StateDir` makes every step durable in an order that lets a restart
+Glue only: :mod:`musc_edge.watch.arrivals` decides when a file is complete, the runtime turns it into
+features, :class:`musc_edge.core.window.RollingScorer` scores it against the rolling pool, and
+:class:`musc_edge.watch.journal.StateDir` makes every step durable in an order that lets a restart
 finish what a crash interrupted (see the journal module for the protocol).
 
 Signals: SIGINT / SIGTERM set a stop flag; the image being added is finished and committed, then
@@ -24,12 +24,14 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from .arrivals import Arrival, ArrivalTracker, PollSource, Source, WatchdogSource
-from .errors import ImageDecodeError, InputError, StateError
-from .io import reference_images
+from musc_edge.core.errors import ImageDecodeError, InputError, StateError
+from musc_edge.core.meta import ModelMeta
+from musc_edge.core.params import DEFAULT_PARAMS, MuscParams
+from musc_edge.core.types import Features
+from musc_edge.datasets import reference_images
+
 from .journal import StateDir
-from .meta import ModelMeta
-from .types import Features
-from .window import Emission, Entry, RollingScorer, check_stream_settings
+from musc_edge.core.window import Emission, Entry, RollingScorer, check_stream_settings
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +67,8 @@ class WatchConfig:
     recursive: bool = False
     stable_s: float = 0.5
     batch: int = 8
-    r_list: tuple[int, ...] = (1, 3, 5)
-    k_list: tuple[int, ...] = (1, 2, 3)
-    interval: tuple[float, float] = (0.0, 0.3)
+    params: MuscParams = DEFAULT_PARAMS
+    mem_budget_bytes: int | None = None  #: the pool's memory budget (None: a share of what is available)
     tick_s: float = 0.05
 
 
@@ -112,14 +113,14 @@ class WatchDaemon:
     # ------------------------------------------------------------------------------------ setup
     def _settings(self, references: Sequence[str]) -> dict:
         c = self.config
-        return {"window": c.window, "r_list": list(c.r_list), "k_list": list(c.k_list),
-                "interval": list(c.interval), "references": list(references)}
+        return {"window": c.window, "r_list": list(c.params.r_list), "k_list": list(c.params.k_list),
+                "interval": list(c.params.interval), "references": list(references)}
 
     def _new_scorer(self, n_references: int) -> RollingScorer:
         c, m = self.config, self.meta
         return RollingScorer(m.grid, m.token_dims, m.embed_dim, capacity=c.window, delay=c.delay,
-                             min_pool=self.min_pool, n_references=n_references, r_list=c.r_list,
-                             interval=c.interval, k_list=c.k_list)
+                             min_pool=self.min_pool, n_references=n_references, params=c.params,
+                             mem_budget_bytes=c.mem_budget_bytes)
 
     def _open(self, state: StateDir) -> None:
         """Load saved state (checking it fits this model and these settings) or start afresh."""
@@ -207,9 +208,9 @@ class WatchDaemon:
 
     def _write_heatmap(self, e: Emission, state: StateDir) -> str | None:
         """Overlay at the original size; colours scaled to the pool's map range (comparable)."""
-        from musc_edge.io import heatmap_overlay, write_png
+        from musc_edge.outputs import heatmap_overlay, write_png
         from musc_edge.runtime.preprocess import decode_image
-        from musc_edge.scorer import upsample_map
+        from musc_edge.core.scorer import upsample_map
 
         path = state.out_dir / "heatmaps" / f"{e.seq:08d}_{Path(e.info['path']).stem}.png"
         try:

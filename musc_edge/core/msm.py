@@ -1,0 +1,144 @@
+"""MSM: mutual scoring of the patches of a pool of unlabeled images (MUSC_SPEC 3).
+
+For one LNAMD output Z (N, L, C) of unit vectors, image i's patch m is scored by every other image j
+with ``d_ij(m) = min_n ||z_im - z_jn||``; its score is the mean of the [lo, hi) slice of those N - 1
+distances sorted ascending (the interval [0, 0.3) of the other images by default).
+
+How it is computed (and why it is fast):
+- every image pair is multiplied once, not twice as in the released code: the pair kernel
+  (:func:`musc_edge.core.pairs.block_minima`) gives both directions of a pair from one product;
+- pairs are batched into large GEMMs: a row group of images (``bI * L`` rows) times a column group
+  (``bJ * L`` columns), so BLAS runs near its peak; the product only chooses each nearest patch,
+  whose distance is then recomputed exactly (difference first; see the kernel's docstring);
+- the N x L x N table of distances (float32, +inf on the diagonal) goes through one vectorised
+  interval mean (:func:`musc_edge.core.pairs.interval_mean`), no per-image loop;
+- memory: the table plus one product block. When the table does not fit ``mem_budget_bytes`` the
+  images are scored in owner blocks that do fit, and pairs across owner blocks are then multiplied
+  twice (correct, slower); the block size also follows the budget (never below one image pair's
+  L x L block).
+
+Everything but the numpy input checks runs through the array namespace of the input, so a CuPy
+array is scored on its GPU by this same code.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from array_api_compat import array_namespace, is_numpy_namespace
+
+from .errors import InputError
+from .pairs import block_minima, interval_bounds, interval_mean
+from .params import DEFAULT_INTERVAL, MuscParams
+
+#: Largest product block (bytes) we aim for: big enough for BLAS to run at peak, small enough to
+#: stay near the cache and to leave the budget to the distance table.
+TARGET_BLOCK_BYTES = 32 << 20
+
+#: Images per row group: the diagonal group blocks multiply bI * bI pairs where bI*(bI-1)/2 are
+#: needed, so the wasted work is about bI / N of the total; small keeps that low.
+ROW_GROUP = 4
+
+
+def check_interval(n: int, interval: tuple[float, float]) -> tuple[int, int]:
+    """Validate a pool of ``n`` images and the interval; return the slice bounds (MUSC_SPEC 3)."""
+    if int(n) < 2:
+        raise InputError(f"MSM needs at least 2 images (1 other image per image), got {int(n)}")
+    MuscParams(interval=tuple(interval))  # validates the interval, one message for every caller
+    return interval_bounds(int(n) - 1, interval)
+
+
+def as_unit_float32(z: Any) -> Any:
+    """float32 unit vectors of the input's namespace.
+
+    float16 input is re-normalised (its rounding moves unit vectors off the sphere by ~1e-3, and
+    the kernel's product needs them on it to choose the right patch). Anything else that is not
+    unit length is refused: MSM's distances are only right for LNAMD's output.
+    """
+    xp = array_namespace(z)
+    low_precision = z.dtype == xp.float16
+    z = xp.astype(z, xp.float32)
+    sq = xp.vecdot(z, z, axis=-1)
+    if low_precision:
+        return z / xp.sqrt(xp.maximum(sq, xp.asarray(1e-30, dtype=xp.float32, device=getattr(z, "device", None))))[..., None]
+    bad = float(xp.max(xp.abs(sq - 1.0))) if sq.size else 0.0
+    if not bad < 1e-4:
+        raise InputError(
+            f"msm needs unit vectors (LNAMD output), but squared norms deviate from 1 by up to {bad:.3g}; "
+            "pass musc_edge.core.lnamd.lnamd(tokens, r)"
+        )
+    return z
+
+
+def pair_block_bytes(L: int) -> int:
+    """Bytes one image pair adds to a product block: the L x L float32 product and the per-image
+    transposed copy of the column arg-max."""
+    return 2 * 4 * L * L
+
+
+def group_sizes(n: int, L: int, budget_for_block: int) -> tuple[int, int]:
+    """Row and column group sizes (images) so that one product block fits the budget.
+
+    The column group is never smaller than the row group: a row group's first column group then
+    holds all of its own images, so its self pairs are exactly the diagonal block's.
+    """
+    per_pair = pair_block_bytes(L)
+    target = min(TARGET_BLOCK_BYTES, budget_for_block)
+    bi = max(1, min(ROW_GROUP, n, target // per_pair))
+    bj = max(bi, min(n, target // (per_pair * bi)))
+    return bi, bj
+
+
+def plan(n: int, L: int, mem_budget_bytes: int) -> tuple[int, int, int]:
+    """(owner block, row group, column group) sizes in images for ``n`` images of ``L`` patches."""
+    table_row_bytes = 4 * n * L  # one image's distances to every other image
+    block_budget = max(mem_budget_bytes // 4, pair_block_bytes(L))
+    owner = max(1, min(n, (mem_budget_bytes - block_budget) // table_row_bytes))
+    bi, bj = group_sizes(n, L, block_budget)
+    return owner, bi, bj
+
+
+def msm(z: Any, interval: tuple[float, float] = DEFAULT_INTERVAL, *, mem_budget_bytes: int = 1 << 30) -> Any:
+    """MSM patch scores of one (layer, r) LNAMD output (MUSC_SPEC 3).
+
+    z: (N, L, C) unit vectors (float32; float16 is re-normalised after the cast), a numpy array or
+    any array API array (CuPy: computed on its device). Returns (N, L) float64 of z's namespace.
+    ``mem_budget_bytes`` bounds the extra memory (distance table + product block), whatever N is.
+    """
+    xp = array_namespace(z)
+    if is_numpy_namespace(xp):
+        z = np.ascontiguousarray(z)
+    if z.ndim != 3:
+        raise InputError(f"msm needs (N, L, C) patch features, got shape {tuple(z.shape)}")
+    n, L, _ = z.shape
+    lo, hi = check_interval(n, interval)
+    z = as_unit_float32(z)
+    owner, bi, bj = plan(n, L, mem_budget_bytes)
+    parts = [_score_owner_block(xp, z, o0, min(n, o0 + owner), bi, bj, lo, hi) for o0 in range(0, n, owner)]
+    return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
+
+
+def _score_owner_block(xp: Any, z: Any, o0: int, o1: int, bi: int, bj: int, lo: int, hi: int) -> Any:
+    """Scores (o1 - o0, L) of images [o0, o1) against all images; pairs inside the block are
+    multiplied once, pairs with images outside it in the row direction only."""
+    n, L, _ = z.shape
+    dev = getattr(z, "device", None)
+    table = xp.full((o1 - o0, L, n), math.inf, dtype=xp.float32, device=dev)  # table[i - o0, m, j] = d_ij(m)
+    for i0 in range(o0, o1, bi):
+        i1 = min(o1, i0 + bi)
+        for j0 in range(i0, o1, bj):  # inside: row group I, column groups J >= I, both directions
+            j1 = min(o1, j0 + bj)
+            rows, cols = block_minima(z[i0:i1, ...], z[j0:j1, ...], want_cols=True, diagonal=j0 == i0)
+            table[i0 - o0:i1 - o0, :, j0:j1] = rows
+            # the other direction; on the diagonal only for the images past I (I x I is in rows)
+            k0 = i1 - j0 if j0 == i0 else 0
+            if k0 < j1 - j0:
+                table[j0 + k0 - o0:j1 - o0, :, i0:i1] = cols[k0:, ...]
+        for a, b in ((0, o0), (o1, n)):  # outside the owner block: no room to keep their side
+            for j0 in range(a, b, bj):
+                j1 = min(b, j0 + bj)
+                rows, _ = block_minima(z[i0:i1, ...], z[j0:j1, ...], want_cols=False)
+                table[i0 - o0:i1 - o0, :, j0:j1] = rows
+    return interval_mean(table, lo, hi)

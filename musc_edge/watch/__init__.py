@@ -1,0 +1,1 @@
+"""The watch daemon: file arrival rules, the crash-safe journal, result sinks."""
