@@ -35,7 +35,7 @@ def calibrate_folder(model: str | Path, images: str | Path, out: str | Path, *, 
                      threads: int | None = None, seed: int = 0) -> CalibrationRun:
     """Quantize ``model`` with images from ``images`` into ``out`` and report what it cost.
 
-    mode None picks the measured default for the backbone (:func:`.quantize.default_mode`).
+    mode None picks the measured default for the model family (:func:`.quantize.default_mode`).
     The report compares both models on ONNX Runtime's CPU provider, also for ``trt`` mode (whose
     Q/DQ form is meant for TensorRT and is slow on the CPU: its cosine still tells the accuracy).
     """

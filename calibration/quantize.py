@@ -114,8 +114,15 @@ def make_config(mode: str = "static", method: str | None = None, *, num: int = 6
     return QuantConfig(mode=mode, method=method, num=num, batch=batch, cache=Path(cache) if cache else None)
 
 
+#: ``ModelMeta.family`` -> the CPU mode we measured best for it (see :func:`default_mode`).
+DEFAULT_MODES: dict[str, str] = {"vit": "dynamic", "cnn": "static-cnn"}
+
+
 def default_mode(meta: ModelMeta) -> str:
-    """The CPU mode we measured best for this backbone family (docs/int8_tensorrt.md).
+    """The CPU mode we measured best for the model's family (docs/int8_tensorrt.md).
+
+    Chosen by ``meta.family``, never the backbone's name, so a new ViT (DINO, ...) gets the ViT
+    recipe by what it is, not by what it is called.
 
     ViTs: ``dynamic``: ViT-B/16 at batch 8 ran 2.0x FP32 (static 1.5x, static-pc 1.6x) at the
     same cosine (>= 0.984 on every output) on our AVX2 CPU.
@@ -124,7 +131,7 @@ def default_mode(meta: ModelMeta) -> str:
     images/s, where ``static-pc`` lost 0.017 at no speed-up; ``dynamic`` quantizes no
     convolution at all.
     """
-    return "dynamic" if meta.backbone.startswith("vit") else "static-cnn"
+    return DEFAULT_MODES[meta.family]
 
 
 @dataclass(frozen=True)
@@ -368,11 +375,14 @@ def copy_metadata(src: Path, dst: Path, quantization: dict) -> None:
     """Put ``src``'s musc-edge metadata (and how it was quantized) on ``dst``.
 
     ONNX Runtime's quantizers rebuild the model and may drop ``metadata_props``; the runtime
-    refuses a model without them, so we restore them explicitly.
+    refuses a model without them, so we restore them explicitly. The ``ModelMeta`` keys are
+    rewritten in the current schema, so an INT8 model made from an older export records its
+    family (docs/export.md "Metadata"); the extra keys (``arch``, ...) are copied as they are.
     """
     source = onnx.load(str(src), load_external_data=False)
     target = onnx.load(str(dst))
     keep = {p.key: p.value for p in source.metadata_props if p.key.startswith(PREFIX)}
+    keep.update(ModelMeta.from_props(keep, source=str(src)).to_props())
     keep[QUANT_PROP] = json.dumps(quantization, sort_keys=True)
     del target.metadata_props[:]
     for k, v in keep.items():

@@ -3,8 +3,9 @@
 A backbone is a data entry (input size, tapped layers, normalisation, default weights) plus a
 builder for its *family* (``clip`` -> :mod:`.clip`, ``efficientnet`` -> :mod:`.efficientnet`).
 Adding a backbone of a known family is one :func:`register` call; a new family is one builder
-module and one line in :data:`FAMILY_BUILDERS`. Nothing here imports torch: the CLI lists and
-validates names without the heavy export stack.
+module, one line in :data:`FAMILY_BUILDERS` and one in :data:`MODEL_FAMILIES` (what kind of
+model the builder makes: a DINO ViT builder would say ``vit``). Nothing here imports torch: the
+CLI lists and validates names without the heavy export stack.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from musc_edge.core.errors import InputError, ModelError
-from musc_edge.core.meta import ModelMeta
+from musc_edge.core.meta import FAMILIES, ModelMeta
 
 #: CLIP's image normalisation (MUSC_SPEC 1).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -25,6 +26,12 @@ FAMILY_BUILDERS: dict[str, str] = {
     "clip": "musc_edge.export.clip:build",
     "efficientnet": "musc_edge.export.efficientnet:build",
 }
+#: builder family -> the model family its networks have (``ModelMeta.family``, one of
+#: ``musc_edge.core.meta.FAMILIES``): what the runtime and the INT8 recipe go by.
+MODEL_FAMILIES: dict[str, str] = {
+    "clip": "vit",
+    "efficientnet": "cnn",
+}
 
 
 @dataclass(frozen=True)
@@ -32,7 +39,8 @@ class BackboneSpec:
     """What musc-edge needs to know to build, tap and describe one backbone.
 
     name: registry key, written to the model metadata.
-    family: builder family (a key of :data:`FAMILY_BUILDERS`).
+    family: builder family (a key of :data:`FAMILY_BUILDERS`); the metadata records the model
+        family it maps to (:attr:`model_family`, via :data:`MODEL_FAMILIES`).
     arch: the family's own model name (an open_clip model name for ``clip``).
     image_size: default square input side S.
     patch_size: ViT patch size, or the stride of a CNN's token grid.
@@ -62,6 +70,11 @@ class BackboneSpec:
     def grid(self, image_size: int) -> int:
         """Tokens per side of the patch grid at input side ``image_size``."""
         return image_size // self.patch_size
+
+    @property
+    def model_family(self) -> str:
+        """The model family (``vit``, ``cnn``) the metadata records, from the builder family."""
+        return MODEL_FAMILIES[self.family]
 
 
 @dataclass
@@ -100,9 +113,9 @@ class BuiltBackbone:
         from musc_edge import __version__
 
         return ModelMeta(
-            backbone=self.spec.name, weights=self.weights_tag, image_size=self.image_size,
-            patch_size=self.spec.patch_size, grid=self.grid, layers=self.layers, token_dims=self.token_dims,
-            embed_dim=self.embed_dim, mean=self.spec.mean, std=self.spec.std,
+            backbone=self.spec.name, family=self.spec.model_family, weights=self.weights_tag,
+            image_size=self.image_size, patch_size=self.spec.patch_size, grid=self.grid, layers=self.layers,
+            token_dims=self.token_dims, embed_dim=self.embed_dim, mean=self.spec.mean, std=self.spec.std,
             interpolation=self.spec.interpolation, version=__version__, opset=opset)
 
 
@@ -113,6 +126,9 @@ def register(spec: BackboneSpec) -> BackboneSpec:
     """Add ``spec`` to the registry (replacing an entry of the same name) and return it."""
     if spec.family not in FAMILY_BUILDERS:
         raise ValueError(f"unknown backbone family {spec.family!r}; known: {', '.join(sorted(FAMILY_BUILDERS))}")
+    if MODEL_FAMILIES.get(spec.family) not in FAMILIES:
+        raise ValueError(f"builder family {spec.family!r} has no model family in MODEL_FAMILIES "
+                         f"(one of {', '.join(FAMILIES)})")
     REGISTRY[spec.name] = spec
     return spec
 
@@ -151,7 +167,7 @@ def resolve_layers(spec: BackboneSpec, layers: tuple[int, ...] | None) -> tuple[
     bad = [n for n in layers if not 1 <= n <= spec.num_blocks]
     if bad:
         raise InputError(f"--layers {','.join(map(str, bad))} out of range: {spec.name} has "
-                         f"{spec.num_blocks} {'blocks' if spec.family == 'clip' else 'stages'} (1-indexed)")
+                         f"{spec.num_blocks} {'blocks' if spec.model_family == 'vit' else 'stages'} (1-indexed)")
     return tuple(layers)
 
 

@@ -22,12 +22,17 @@ OPSET = 17
 
 
 def tiny_meta(image_size: int = 32, patch_size: int = 8, token_dims: tuple[int, ...] = (16, 24),
-              embed_dim: int = 12, weights: str = "synthetic", interpolation: str = "bicubic") -> ModelMeta:
-    """Metadata of the model :func:`make_tiny_model` builds with the same arguments."""
+              embed_dim: int = 12, weights: str = "synthetic", interpolation: str = "bicubic",
+              family: str = "cnn") -> ModelMeta:
+    """Metadata of the model :func:`make_tiny_model` builds with the same arguments.
+
+    family: ``cnn`` by default because the graph is convolutions only (no attention), so the
+    CNN INT8 recipe is the one that quantizes it; pass ``vit`` to exercise ViT code paths.
+    """
     if image_size % patch_size:
         raise ValueError("image_size must be a multiple of patch_size")
     return ModelMeta(
-        backbone="tiny_patchify", weights=weights, image_size=image_size, patch_size=patch_size,
+        backbone="tiny_patchify", family=family, weights=weights, image_size=image_size, patch_size=patch_size,
         grid=image_size // patch_size, layers=tuple(range(1, len(token_dims) + 1)), token_dims=tuple(token_dims),
         embed_dim=embed_dim, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), interpolation=interpolation,
         version=__version__, opset=OPSET)

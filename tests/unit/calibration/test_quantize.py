@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -87,8 +88,8 @@ def test_bad_combinations_are_refused_up_front(kwargs, message):
 def test_defaults():
     assert make_config("static").method == "minmax"
     assert make_config("dynamic").method is None
-    vit = ModelMeta(backbone="vit_b16", weights="random", image_size=224, patch_size=16, grid=14, layers=(3, 6, 9, 12),
-                    token_dims=(768,) * 4, embed_dim=512, mean=(0.5,) * 3, std=(0.5,) * 3)
+    vit = ModelMeta(backbone="vit_b16", family="vit", weights="random", image_size=224, patch_size=16, grid=14,
+                    layers=(3, 6, 9, 12), token_dims=(768,) * 4, embed_dim=512, mean=(0.5,) * 3, std=(0.5,) * 3)
     assert default_mode(vit) == "dynamic"
     assert default_mode(tiny_meta()) == "static-cnn"
 
@@ -148,6 +149,30 @@ def test_quantization_prop_does_not_disturb_metadata(tmp_path, tiny_model):
     quantize_model(tiny_model, out, make_config("dynamic"), ())
     props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert QUANT_PROP in props and ModelMeta.from_props(props) == read_meta(tiny_model)
+
+
+def test_int8_model_of_a_first_release_export_records_its_family(tmp_path):
+    # first-release metadata: no schema, no family (derived on read from the vit_* name)
+    src = make_tiny_model(tmp_path / "old.onnx", meta=replace(tiny_meta(image_size=64), backbone="vit_b16"))
+    model = onnx.load(str(src))
+    kept = [p for p in model.metadata_props if p.key not in ("musc_edge.schema", "musc_edge.family")]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    onnx.save(model, str(src))
+    assert read_meta(src).family == "vit"
+    out = tmp_path / "old.int8.onnx"
+    quantize_model(src, out, make_config("dynamic"), ())
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert (props["musc_edge.schema"], props["musc_edge.family"]) == ("2", "vit")
+    assert read_meta(out) == read_meta(src)
+
+
+def test_default_mode_follows_the_family_of_a_file(tmp_path):
+    # the tiny graph named like a DINO ViT: only its recorded family picks the recipe
+    for family, mode in (("vit", "dynamic"), ("cnn", "static-cnn")):
+        meta = replace(tiny_meta(family=family), backbone="dino_vits8")
+        path = make_tiny_model(tmp_path / f"{family}.onnx", meta=meta)
+        assert default_mode(read_meta(path)) == mode
 
 
 @pytest.mark.parametrize("method", ["entropy", "percentile"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from musc_edge.core.errors import InputError, ModelError
+from musc_edge.core.meta import FAMILIES
 from musc_edge.export import backbones
 
 
@@ -72,3 +73,42 @@ def test_register_rejects_an_unknown_family():
             name="x", family="nope", arch="x", image_size=32, patch_size=8, num_blocks=1,
             layers=(1,), weights="none"))
     assert "x" not in backbones.names()
+
+
+def test_every_entry_has_a_model_family_from_its_builder():
+    for name in backbones.names():
+        spec = backbones.get_spec(name)
+        assert spec.model_family == backbones.MODEL_FAMILIES[spec.family] in FAMILIES, name
+    assert backbones.get_spec("vit_b16").model_family == "vit"
+    assert backbones.get_spec("efficientnet_lite0").model_family == "cnn"
+
+
+def test_built_metadata_carries_the_model_family():
+    spec = backbones.get_spec("efficientnet_lite0")
+    built = backbones.BuiltBackbone(spec=spec, module=None, weights_tag="imagenet", image_size=224, layers=(3, 5),
+                                    token_dims=(40, 112), embed_dim=1280, embedding_layer=7)
+    assert built.meta(17).family == "cnn"
+
+
+def test_a_new_vit_builder_family_is_one_line_per_map(monkeypatch):
+    # a DINO builder: its entries say "vit" without being named vit_*, and get ViT wording
+    monkeypatch.setitem(backbones.FAMILY_BUILDERS, "dino", "musc_edge.export.dino:build")
+    monkeypatch.setitem(backbones.MODEL_FAMILIES, "dino", "vit")
+    spec = backbones.BackboneSpec(name="dino_vits8", family="dino", arch="vit_small_patch8", image_size=224,
+                                  patch_size=8, num_blocks=12, layers=(3, 6, 9, 12), weights="random")
+    try:
+        backbones.register(spec)
+        assert backbones.get_spec("dino_vits8").model_family == "vit"
+        with pytest.raises(InputError, match="12 blocks"):
+            backbones.resolve_layers(spec, (13,))
+    finally:
+        backbones.unregister("dino_vits8")
+
+
+def test_register_rejects_a_builder_family_without_a_model_family(monkeypatch):
+    monkeypatch.setitem(backbones.FAMILY_BUILDERS, "mystery", "somewhere:build")
+    with pytest.raises(ValueError, match="'mystery' has no model family in MODEL_FAMILIES"):
+        backbones.register(backbones.BackboneSpec(
+            name="m", family="mystery", arch="m", image_size=32, patch_size=8, num_blocks=1,
+            layers=(1,), weights="none"))
+    assert "m" not in backbones.names()

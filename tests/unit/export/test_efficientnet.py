@@ -102,6 +102,7 @@ def test_export_parity_and_metadata(lite0, tmp_path):
     assert (meta.backbone, meta.weights, meta.patch_size, meta.grid, meta.layers, meta.token_dims) == (
         "efficientnet_lite0", "imagenet", 8, 28, (3, 5), (40, 112))
     assert (meta.mean, meta.std, meta.interpolation, meta.embed_dim) == ((0.5,) * 3, (0.5,) * 3, "bilinear", 1280)
+    assert meta.family == "cnn"
     x = torch.randn(3, 3, 224, 224)
     with torch.no_grad():
         ref = lite0.module(x)

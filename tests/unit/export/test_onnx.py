@@ -50,6 +50,9 @@ def test_metadata_round_trip_through_onnxruntime(tiny_export):
     assert meta.layers == (1, 2, 4) and meta.token_dims == (32, 32, 32) and meta.embed_dim == 16
     assert meta.is_random and meta.interpolation == "bicubic" and meta.opset == 17 and meta.version
     assert props.custom_metadata_map[PREFIX + "embedding_layer"] == "4"
+    # the family comes from the registry's builder family (clip -> vit), not from the name
+    assert meta.family == "vit" and not meta.backbone.startswith("vit")
+    assert props.custom_metadata_map[PREFIX + "schema"] == "2"
 
 
 @pytest.mark.parametrize("batch", [1, 3])

@@ -143,6 +143,72 @@ def test_engine_needs_its_sidecar(tmp_path):
         read_meta(engine)
 
 
+#: What the first release wrote (metadata schema 1: no ``schema``, no ``family`` key).
+V1_KEYS = ("backbone", "weights", "image_size", "patch_size", "grid", "layers", "token_dims", "embed_dim", "mean",
+           "std", "interpolation", "version", "opset", "input_name")
+
+
+def _first_release_dict(backbone: str) -> dict:
+    d = tiny_meta().to_dict()
+    d["backbone"] = backbone
+    return {k: d[k] for k in V1_KEYS}
+
+
+def test_first_release_onnx_metadata_loads_with_its_family(tiny, tmp_path):
+    import onnx
+
+    model = onnx.load(str(tiny))
+    del model.metadata_props[:]
+    old = {"musc_edge." + k: (json.dumps(v) if isinstance(v, list) else str(v))
+           for k, v in _first_release_dict("vit_b32").items()}
+    onnx.helper.set_model_props(model, old)
+    onnx.save(model, str(tmp_path / "old.onnx"))
+    meta = read_meta(tmp_path / "old.onnx")
+    assert (meta.backbone, meta.family) == ("vit_b32", "vit")
+    with load_model(tmp_path / "old.onnx", device="cpu") as m:
+        assert m.meta == meta
+
+
+def test_first_release_engine_sidecar_loads_with_its_family(tmp_path):
+    engine = tmp_path / "model.engine"
+    engine.write_bytes(b"\x00" * 16)
+    old = {**_first_release_dict("efficientnet_lite0"), "tensorrt_version": "10.13.0", "precision": "fp16"}
+    (tmp_path / "model.engine.json").write_text(json.dumps(old))
+    assert read_meta(engine).family == "cnn"
+
+
+def test_engine_sidecar_of_a_newer_schema_is_refused(tmp_path):
+    engine = tmp_path / "model.engine"
+    engine.write_bytes(b"\x00" * 16)
+    (tmp_path / "model.engine.json").write_text(json.dumps({**tiny_meta().to_dict(), "schema": 9}))
+    with pytest.raises(ModelError, match="schema 9, but this musc-edge reads schema 2 at most"):
+        read_meta(engine)
+
+
+def test_onnx_metadata_of_a_newer_schema_is_refused(tmp_path):
+    path = make_tiny_model(tmp_path / "new.onnx")
+    import onnx
+
+    model = onnx.load(str(path))
+    for p in model.metadata_props:
+        if p.key == "musc_edge.schema":
+            p.value = "3"
+    onnx.save(model, str(path))
+    with pytest.raises(ModelError, match="schema 3, but this musc-edge reads schema 2 at most"):
+        load_model(path, device="cpu")
+
+
+def test_sidecar_written_by_export_carries_schema_and_family(tmp_path):
+    from musc_edge.runtime.backends.tensorrt import read_sidecar, write_sidecar
+
+    engine = tmp_path / "model.engine"
+    write_sidecar(engine, tiny_meta(family="vit"), {"tensorrt_version": "10.13.0"})
+    data = read_sidecar(engine)
+    assert (data["schema"], data["family"], data["tensorrt_version"]) == (2, "vit", "10.13.0")
+    engine.write_bytes(b"\x00" * 16)
+    assert read_meta(engine) == tiny_meta(family="vit")
+
+
 def test_engine_on_cpu_is_a_device_error(tmp_path):
     engine = tmp_path / "model.engine"
     engine.write_bytes(b"\x00" * 16)

@@ -16,9 +16,9 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def clip_meta(size: int = 224, interpolation: str = "bicubic") -> ModelMeta:
-    return ModelMeta(backbone="vit_b16", weights="random", image_size=size, patch_size=16, grid=size // 16,
-                     layers=(3, 6, 9, 12), token_dims=(768,) * 4, embed_dim=512, mean=CLIP_MEAN, std=CLIP_STD,
-                     interpolation=interpolation)
+    return ModelMeta(backbone="vit_b16", family="vit", weights="random", image_size=size, patch_size=16,
+                     grid=size // 16, layers=(3, 6, 9, 12), token_dims=(768,) * 4, embed_dim=512, mean=CLIP_MEAN,
+                     std=CLIP_STD, interpolation=interpolation)
 
 
 def textured(h: int, w: int, seed: int = 0, channels: int = 3) -> np.ndarray:
