@@ -5,15 +5,17 @@ an r x r neighbourhood (zero padding counted in the mean, as ``avg_pool2d(count_
 and the released code's unfold + adaptive_avg_pool1d both do), then every patch vector is
 L2-normalised so that MSM can use ``||a - b||^2 = 2 - 2 a.b``.
 
-Pure numpy, float32 compute. The token layout stays (N, G, G, C) throughout (channels last), so
-the pooling is two separable box sums along the grid axes and no transpose is needed.
+float32 compute, written against the Python array API (numpy, or CuPy on a GPU). The token layout
+stays (N, G, G, C) throughout (channels last), so the pooling is two separable box sums along the
+grid axes and no transpose is needed.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
-import numpy as np
+from array_api_compat import array_namespace
 
 from .errors import InputError
 
@@ -37,64 +39,70 @@ def patch_grid(num_tokens: int) -> int:
     return g
 
 
-def _box_sum_axis(x: np.ndarray, r: int, axis: int) -> np.ndarray:
+def _box_sum_axis(xp: Any, x: Any, r: int, axis: int) -> Any:
     """Sum over a window of r along ``axis`` (stride 1, zero padding r // 2 both sides)."""
     pad = r // 2
     n = x.shape[axis]
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (pad, pad)
-    xp = np.pad(x, widths)
+    zshape = list(x.shape)
+    zshape[axis] = pad
+    zeros = xp.zeros(tuple(zshape), dtype=x.dtype, device=getattr(x, "device", None))
+    xpad = xp.concat([zeros, x, zeros], axis=axis)
 
     def window(start: int) -> tuple:
         idx = [slice(None)] * x.ndim
         idx[axis] = slice(start, start + n)
         return tuple(idx)
 
-    out = xp[window(0)].copy()
+    out = xp.asarray(xpad[window(0)], copy=True)
     for s in range(1, r):
-        out += xp[window(s)]
+        out += xpad[window(s)]
     return out
 
 
-def layer_norm_map(x: np.ndarray) -> np.ndarray:
+def layer_norm_map(x: Any) -> Any:
     """Layer-normalise one image's whole (G*G, C) map together (no affine, eps 1e-5), float32.
 
     Mean and variance are accumulated in float64 (float16 inputs and large maps keep their
     digits); the output is float32.
     """
-    mean = x.mean(dtype=np.float64)
-    var = x.var(dtype=np.float64)
-    out = x.astype(np.float32)
-    out -= np.float32(mean)
-    out *= np.float32(1.0 / math.sqrt(var + LN_EPS))
+    xp = array_namespace(x)
+    x64 = xp.astype(x, xp.float64)
+    mean = float(xp.mean(x64))
+    var = float(xp.var(x64))
+    out = xp.astype(x, xp.float32)  # a copy
+    out -= mean
+    out *= 1.0 / math.sqrt(var + LN_EPS)
     return out
 
 
-def lnamd(tokens: np.ndarray, r: int) -> np.ndarray:
+def lnamd(tokens: Any, r: int) -> Any:
     """LNAMD features of one tapped layer (MUSC_SPEC 2).
 
-    tokens: (N, 1 + G*G, C) float16 or float32; token 0 (CLS) is dropped.
+    tokens: (N, 1 + G*G, C) float16 or float32, a numpy array or any array API array (CuPy: on
+    its GPU); token 0 (CLS) is dropped.
     r: aggregation degree (odd; 1 means no aggregation).
-    Returns (N, G*G, C) float32 unit vectors. Works one image at a time, so the only full-size
-    array is the output (no float64 copy of the layer).
+    Returns (N, G*G, C) float32 unit vectors of the same namespace. Works one image at a time, so
+    the only full-size array is the output (no float64 copy of the layer).
     """
-    tokens = np.asarray(tokens)
+    xp = array_namespace(tokens)
     if tokens.ndim != 3:
-        raise InputError(f"tokens must be (N, 1 + G*G, C), got shape {tokens.shape}")
+        raise InputError(f"tokens must be (N, 1 + G*G, C), got shape {tuple(tokens.shape)}")
     if int(r) < 1 or int(r) % 2 == 0:
         raise InputError(f"aggregation degree r must be an odd integer >= 1 (1, 3, 5), got {r}")
     r = int(r)
     n, t, c = tokens.shape
     g = patch_grid(t)
-    out = np.empty((n, g * g, c), dtype=np.float32)
+    out = xp.empty((n, g * g, c), dtype=xp.float32, device=getattr(tokens, "device", None))
     for i in range(n):
         x = layer_norm_map(tokens[i, 1:, :])  # (L, C)
         if r > 1:
-            x = _box_sum_axis(x.reshape(g, g, c), r, axis=0)
-            x = _box_sum_axis(x, r, axis=1)
-            x *= np.float32(1.0 / (r * r))
-            x = x.reshape(g * g, c)
-        norm = np.sqrt(np.einsum("lc,lc->l", x, x, dtype=np.float64))
+            x = _box_sum_axis(xp, xp.reshape(x, (g, g, c)), r, axis=0)
+            x = _box_sum_axis(xp, x, r, axis=1)
+            x *= 1.0 / (r * r)
+            x = xp.reshape(x, (g * g, c))
+        x64 = xp.astype(x, xp.float64)
+        norm = xp.sqrt(xp.vecdot(x64, x64, axis=-1))
         # A zero patch (only possible for a constant map) stays zero instead of becoming NaN.
-        out[i] = x / np.maximum(norm, 1e-12).astype(np.float32)[:, None]
+        out[i, ...] = x / xp.astype(xp.maximum(norm, xp.asarray(1e-12, dtype=xp.float64, device=getattr(norm, "device", None))),
+                                    xp.float32)[:, None]
     return out

@@ -41,6 +41,11 @@ TARGET_BLOCK_BYTES = 32 << 20
 #: needed, so the wasted work is about bI / N of the total; small keeps that low.
 ROW_GROUP = 4
 
+#: The same two sizes for a GPU: a block must fill the device (thousands of rows and columns per
+#: product, one launch per step), and device memory is large, so both are larger.
+GPU_TARGET_BLOCK_BYTES = 2 << 30
+GPU_ROW_GROUP = 16
+
 
 def check_interval(n: int, interval: tuple[float, float]) -> tuple[int, int]:
     """Validate a pool of ``n`` images and the interval; return the slice bounds (MUSC_SPEC 3)."""
@@ -58,7 +63,7 @@ def as_unit_float32(z: Any) -> Any:
     unit length is refused: MSM's distances are only right for LNAMD's output.
     """
     xp = array_namespace(z)
-    low_precision = z.dtype == xp.float16
+    low_precision = hasattr(xp, "float16") and z.dtype == xp.float16  # the array API has no float16
     z = xp.astype(z, xp.float32)
     sq = xp.vecdot(z, z, axis=-1)
     if low_precision:
@@ -78,34 +83,50 @@ def pair_block_bytes(L: int) -> int:
     return 2 * 4 * L * L
 
 
-def group_sizes(n: int, L: int, budget_for_block: int) -> tuple[int, int]:
+def group_sizes(n: int, L: int, budget_for_block: int, *, gpu: bool = False) -> tuple[int, int]:
     """Row and column group sizes (images) so that one product block fits the budget.
 
     The column group is never smaller than the row group: a row group's first column group then
     holds all of its own images, so its self pairs are exactly the diagonal block's.
     """
     per_pair = pair_block_bytes(L)
-    target = min(TARGET_BLOCK_BYTES, budget_for_block)
-    bi = max(1, min(ROW_GROUP, n, target // per_pair))
+    target = min(GPU_TARGET_BLOCK_BYTES if gpu else TARGET_BLOCK_BYTES, budget_for_block)
+    bi = max(1, min(GPU_ROW_GROUP if gpu else ROW_GROUP, n, target // per_pair))
     bj = max(bi, min(n, target // (per_pair * bi)))
     return bi, bj
 
 
-def plan(n: int, L: int, mem_budget_bytes: int) -> tuple[int, int, int]:
+def plan(n: int, L: int, mem_budget_bytes: int, *, gpu: bool = False) -> tuple[int, int, int]:
     """(owner block, row group, column group) sizes in images for ``n`` images of ``L`` patches."""
     table_row_bytes = 4 * n * L  # one image's distances to every other image
     block_budget = max(mem_budget_bytes // 4, pair_block_bytes(L))
     owner = max(1, min(n, (mem_budget_bytes - block_budget) // table_row_bytes))
-    bi, bj = group_sizes(n, L, block_budget)
+    bi, bj = group_sizes(n, L, block_budget, gpu=gpu)
     return owner, bi, bj
 
 
-def msm(z: Any, interval: tuple[float, float] = DEFAULT_INTERVAL, *, mem_budget_bytes: int = 1 << 30) -> Any:
+def device_budget(xp: Any, mem_budget_bytes: int) -> int:
+    """On a GPU the budget is also capped by half of the device's free memory (the rest is for the
+    other arrays of the scoring and for cuBLAS's workspace)."""
+    if is_numpy_namespace(xp) or not hasattr(xp, "cuda"):
+        return mem_budget_bytes
+    try:
+        import cupy
+
+        free, _ = cupy.cuda.runtime.memGetInfo()
+    except Exception:  # noqa: BLE001 - no such query on this library: keep the caller's budget
+        return mem_budget_bytes
+    return max(1, min(int(mem_budget_bytes), int(free) // 2))
+
+
+def msm(z: Any, interval: tuple[float, float] = DEFAULT_INTERVAL, *, mem_budget_bytes: int = 1 << 30,
+        precision: str = "exact") -> Any:
     """MSM patch scores of one (layer, r) LNAMD output (MUSC_SPEC 3).
 
     z: (N, L, C) unit vectors (float32; float16 is re-normalised after the cast), a numpy array or
     any array API array (CuPy: computed on its device). Returns (N, L) float64 of z's namespace.
-    ``mem_budget_bytes`` bounds the extra memory (distance table + product block), whatever N is.
+    ``mem_budget_bytes`` bounds the extra memory (distance table + product block), whatever N is
+    (on a GPU also half its free memory). ``precision``: see :func:`musc_edge.core.pairs.product`.
     """
     xp = array_namespace(z)
     if is_numpy_namespace(xp):
@@ -115,12 +136,15 @@ def msm(z: Any, interval: tuple[float, float] = DEFAULT_INTERVAL, *, mem_budget_
     n, L, _ = z.shape
     lo, hi = check_interval(n, interval)
     z = as_unit_float32(z)
-    owner, bi, bj = plan(n, L, mem_budget_bytes)
-    parts = [_score_owner_block(xp, z, o0, min(n, o0 + owner), bi, bj, lo, hi) for o0 in range(0, n, owner)]
+    gpu = not is_numpy_namespace(xp)
+    owner, bi, bj = plan(n, L, device_budget(xp, mem_budget_bytes) if gpu else mem_budget_bytes, gpu=gpu)
+    parts = [_score_owner_block(xp, z, o0, min(n, o0 + owner), bi, bj, lo, hi, precision)
+             for o0 in range(0, n, owner)]
     return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
 
 
-def _score_owner_block(xp: Any, z: Any, o0: int, o1: int, bi: int, bj: int, lo: int, hi: int) -> Any:
+def _score_owner_block(xp: Any, z: Any, o0: int, o1: int, bi: int, bj: int, lo: int, hi: int,
+                       precision: str = "exact") -> Any:
     """Scores (o1 - o0, L) of images [o0, o1) against all images; pairs inside the block are
     multiplied once, pairs with images outside it in the row direction only."""
     n, L, _ = z.shape
@@ -130,7 +154,8 @@ def _score_owner_block(xp: Any, z: Any, o0: int, o1: int, bi: int, bj: int, lo: 
         i1 = min(o1, i0 + bi)
         for j0 in range(i0, o1, bj):  # inside: row group I, column groups J >= I, both directions
             j1 = min(o1, j0 + bj)
-            rows, cols = block_minima(z[i0:i1, ...], z[j0:j1, ...], want_cols=True, diagonal=j0 == i0)
+            rows, cols = block_minima(z[i0:i1, ...], z[j0:j1, ...], want_cols=True, diagonal=j0 == i0,
+                                      precision=precision)
             table[i0 - o0:i1 - o0, :, j0:j1] = rows
             # the other direction; on the diagonal only for the images past I (I x I is in rows)
             k0 = i1 - j0 if j0 == i0 else 0
@@ -139,6 +164,6 @@ def _score_owner_block(xp: Any, z: Any, o0: int, o1: int, bi: int, bj: int, lo: 
         for a, b in ((0, o0), (o1, n)):  # outside the owner block: no room to keep their side
             for j0 in range(a, b, bj):
                 j1 = min(b, j0 + bj)
-                rows, _ = block_minima(z[i0:i1, ...], z[j0:j1, ...], want_cols=False)
+                rows, _ = block_minima(z[i0:i1, ...], z[j0:j1, ...], want_cols=False, precision=precision)
                 table[i0 - o0:i1 - o0, :, j0:j1] = rows
     return interval_mean(table, lo, hi)

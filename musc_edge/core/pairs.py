@@ -25,10 +25,43 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from array_api_compat import array_namespace, is_numpy_namespace
+from array_api_compat import array_namespace, is_cupy_namespace, is_numpy_namespace
 
-#: Bytes of one chunk of the exact recompute's gathered rows: a few MB keeps them in cache.
+#: Bytes of one chunk of the exact recompute's gathered rows: a few MB keeps them in a CPU's
+#: cache; on a GPU a chunk must instead be large enough to fill the device with one launch.
 RECOMPUTE_CHUNK_BYTES = 4 << 20
+GPU_RECOMPUTE_CHUNK_BYTES = 512 << 20
+
+PRECISIONS = ("exact", "fast")
+
+
+def recompute_chunk_bytes(xp: Any) -> int:
+    """The recompute's chunk for this array library (CPU cache or GPU launch sized)."""
+    return RECOMPUTE_CHUNK_BYTES if is_numpy_namespace(xp) else GPU_RECOMPUTE_CHUNK_BYTES
+
+
+def product(xp: Any, x: Any, y: Any, precision: str = "exact") -> Any:
+    """``x @ y.T`` (float32) that chooses the nearest patches.
+
+    ``exact``: FP32 products. ``fast``: FP16 operands with FP32 accumulation and result, on CuPy
+    through cuBLAS (:mod:`musc_edge.core.cuda_gemm`); elsewhere emulated by rounding the operands
+    to FP16 (same choices up to accumulation order, for tests; it is not faster there).
+    """
+    if precision == "exact":
+        return x @ xp.matrix_transpose(y)
+    if precision != "fast":
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if is_cupy_namespace(xp):
+        import cupy
+
+        from .cuda_gemm import matmul_nt_fp16
+
+        return matmul_nt_fp16(cupy, x, y)
+    if not hasattr(xp, "float16"):
+        raise ValueError("precision 'fast' needs an array library with float16 (CuPy, numpy)")
+    x16 = xp.astype(xp.astype(x, xp.float16), xp.float32)
+    y16 = xp.astype(xp.astype(y, xp.float16), xp.float32)
+    return x16 @ xp.matrix_transpose(y16)
 
 
 def nearest_distances(x: Any, y: Any, idx: Any, *, chunk_bytes: int = RECOMPUTE_CHUNK_BYTES) -> Any:
@@ -66,7 +99,7 @@ def _self_mask(xp: Any, n_images: int, n_other: int, L: int, device: Any) -> Any
 
 
 def block_minima(zi: Any, zj: Any, *, want_cols: bool = True, diagonal: bool = False,
-                 chunk_bytes: int = RECOMPUTE_CHUNK_BYTES) -> tuple[Any, Any | None]:
+                 precision: str = "exact", chunk_bytes: int | None = None) -> tuple[Any, Any | None]:
     """Nearest-patch distances for every (image of zi, image of zj) pair, from one product.
 
     zi: (bI, L, C), zj: (bJ, L, C) unit vectors, float32, any array API namespace.
@@ -76,14 +109,17 @@ def block_minima(zi: Any, zj: Any, *, want_cols: bool = True, diagonal: bool = F
     ``diagonal``: both groups start at the same image of the pool (a block on its diagonal), so
     image a of zi is image a of zj; those self pairs are +inf, since an image is not one of its
     "other images".
+    ``precision``: how the product that chooses the nearest patch is computed (:func:`product`);
+    the chosen distance is recomputed in FP32 either way.
     """
     xp = array_namespace(zi, zj)
+    chunk_bytes = recompute_chunk_bytes(xp) if chunk_bytes is None else int(chunk_bytes)
     bi, L, c = zi.shape
     bj = zj.shape[0]
     dev = getattr(zi, "device", None)
     zi_f = xp.reshape(zi, (bi * L, c))
     zj_f = xp.reshape(zj, (bj * L, c))
-    p = zi_f @ xp.matrix_transpose(zj_f)  # (bI*L, bJ*L): p[a*L+m, b*L+n] = z_a,m . z_b,n
+    p = product(xp, zi_f, zj_f, precision)  # (bI*L, bJ*L): p[a*L+m, b*L+n] = z_a,m . z_b,n
     d_rows = _rows(xp, p, zi_f, zj_f, bi, bj, L, dev, chunk_bytes)
     d_cols = _cols(xp, p, zi_f, zj_f, bi, bj, L, dev, chunk_bytes) if want_cols else None
     inf = xp.asarray(math.inf, dtype=zi.dtype, device=dev)

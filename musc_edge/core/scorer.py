@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .device import ScoreDevice, resolve_device
 from .errors import InputError
 from .lnamd import lnamd, patch_grid
 from .msm import check_interval, msm
@@ -70,6 +71,8 @@ def score_tokens(
     *,
     params: MuscParams = DEFAULT_PARAMS,
     mem_budget_bytes: int = 1 << 30,
+    device: str | ScoreDevice | None = "cpu",
+    precision: str = "exact",
 ) -> Scores:
     """Score a pool of images from their tapped-layer tokens (MUSC_SPEC 2-5).
 
@@ -79,8 +82,13 @@ def score_tokens(
         ``image_scores == image_scores_raw``).
     params: r list, MSM interval and RsCIN k list (:class:`musc_edge.core.params.MuscParams`);
     mem_budget_bytes: MSM's extra-memory bound.
-    Returns :class:`musc_edge.core.types.Scores` (float64 arrays).
+    device: where to score: ``cpu``, ``cuda`` (CuPy; each layer's tokens are uploaded once, LNAMD,
+        MSM, the map mean and RsCIN run there and only the maps and scores come back), ``auto``,
+        or a :class:`~musc_edge.core.device.ScoreDevice`. precision: ``exact`` or ``fast``
+        (:mod:`musc_edge.core.device`).
+    Returns :class:`musc_edge.core.types.Scores` (numpy float64 arrays).
     """
+    dev = resolve_device(device, precision)
     n, g = validate_layer_tokens(layer_tokens)
     check_interval(n, params.interval)
     if embeddings is not None:
@@ -90,17 +98,22 @@ def score_tokens(
         if not np.isfinite(e).all():
             raise InputError(f"embeddings (shape {e.shape}) contain NaN or inf")
 
-    total = np.zeros((n, g * g), dtype=np.float64)
+    xp = dev.xp
+    total = xp.zeros((n, g * g), dtype=xp.float64)
     count = 0
     for tokens in layer_tokens:
+        t = dev.asarray(tokens)  # one upload per layer on a GPU; the host array itself on the CPU
         for r in params.r_list:
-            z = lnamd(np.asarray(tokens), r)
-            total += msm(z, params.interval, mem_budget_bytes=mem_budget_bytes)
+            z = lnamd(t, r)
+            total += msm(z, params.interval, mem_budget_bytes=mem_budget_bytes, precision=dev.precision)
             count += 1
             del z
-    maps = (total / count).reshape(n, g, g)
-    raw = maps.reshape(n, -1).max(axis=1)
-    final = raw.copy() if embeddings is None else rscin(raw, embeddings, params.k_list)
+        del t
+    maps = xp.reshape(total / count, (n, g, g))
+    raw = xp.max(xp.reshape(maps, (n, g * g)), axis=1)
+    final = raw if embeddings is None else rscin(raw, dev.asarray(embeddings), params.k_list)
+    maps, raw = dev.to_host(maps), dev.to_host(raw)
+    final = raw.copy() if embeddings is None else dev.to_host(final)
     return Scores(patch_maps=maps, image_scores_raw=raw, image_scores=final)
 
 

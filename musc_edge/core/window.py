@@ -32,14 +32,15 @@ can store the entry durably in between and replay it after a crash without the b
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
 
+from .device import CPU, ScoreDevice, resolve_device
 from .errors import InputError, StateError
 from .lnamd import lnamd, patch_grid
-from .memory import check_fits, pool_footprint
+from .memory import DEFAULT_SHARE, check_fits, pool_footprint
 from .msm import check_interval, pair_block_bytes
 from .pairs import block_minima, interval_mean
 from .params import DEFAULT_PARAMS, MuscParams
@@ -47,8 +48,11 @@ from .rscin import rscin
 from .scorer import score_tokens
 from .types import Scores
 
-#: Bytes of one product block when a new image is scored against the pool (its pair rows).
+#: Bytes of one product block when a new image is scored against the pool (its pair rows), on a
+#: CPU (cache sized) and on a GPU (one launch should fill it); and of one chunk of the selection.
 _PREPARE_BLOCK_BYTES = 8 << 20
+_GPU_PREPARE_BLOCK_BYTES = 1 << 30
+_GPU_SELECT_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,18 @@ class Entry:
     d_in: np.ndarray
     info: dict = field(default_factory=dict)
     z: tuple[np.ndarray, ...] | None = None
+
+    def to_host(self) -> "Entry":
+        """This entry with its rows as numpy arrays and without its device features (what a
+        journal stores: ``z`` is recomputed from the tokens when the entry is replayed)."""
+        if isinstance(self.d_out, np.ndarray) and isinstance(self.d_in, np.ndarray) and self.z is None:
+            return self
+        return replace(self, d_out=_host(self.d_out), d_in=_host(self.d_in), z=None)
+
+
+def _host(x: Any) -> np.ndarray:
+    """numpy copy of a numpy or CuPy array (CuPy refuses the implicit ``np.asarray``)."""
+    return x if isinstance(x, np.ndarray) else x.get()
 
 
 @dataclass(frozen=True)
@@ -106,7 +122,8 @@ class PoolWindow:
 
     def __init__(self, grid: int, token_dims: Sequence[int], embed_dim: int, slots: int, *,
                  params: MuscParams = DEFAULT_PARAMS, mem_budget_bytes: int | None = None,
-                 what: str = "the pool", reserved_slots: int = 0) -> None:
+                 what: str = "the pool", reserved_slots: int = 0,
+                 device: str | ScoreDevice = CPU) -> None:
         if slots < 2:
             raise InputError(f"a pool needs room for at least 2 images, got {slots}")
         self.grid = int(grid)
@@ -118,12 +135,16 @@ class PoolWindow:
         self.combos = params.combos(len(self.token_dims))
         self.footprint = pool_footprint(self.slots, self.grid * self.grid, self.token_dims, len(params.r_list),
                                         self.embed_dim)
+        self.device = resolve_device(device)
+        if mem_budget_bytes is None and self.device.is_gpu:  # the pool lives in device memory
+            mem_budget_bytes = int(self.device.free_bytes() * DEFAULT_SHARE)
         check_fits(self.footprint, mem_budget_bytes, what=what, reserved_slots=reserved_slots)
+        xp = self.xp = self.device.xp
         n_patches = self.grid * self.grid
-        self._z = [np.zeros((self.slots, n_patches, self.token_dims[layer]), np.float32)
+        self._z = [xp.zeros((self.slots, n_patches, self.token_dims[layer]), dtype=xp.float32)
                    for layer, _ in self.combos]
-        self._d = np.full((self.slots, len(self.combos), n_patches, self.slots), np.inf, np.float32)
-        self._emb = np.zeros((self.slots, self.embed_dim), np.float32)
+        self._d = xp.full((self.slots, len(self.combos), n_patches, self.slots), np.inf, dtype=xp.float32)
+        self._emb = xp.zeros((self.slots, self.embed_dim), dtype=xp.float32)
         self._slot_of: dict[int, int] = {}  # seq -> slot, in insertion order
         self._free = list(range(self.slots - 1, -1, -1))
 
@@ -142,8 +163,9 @@ class PoolWindow:
         return list(self._slot_of)
 
     # --- adding -----------------------------------------------------------------------------
-    def features(self, tokens: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
-        """LNAMD features of one image, one (L, C) array per combination (MUSC_SPEC 2)."""
+    def features(self, tokens: Sequence[np.ndarray]) -> tuple[Any, ...]:
+        """LNAMD features of one image, one (L, C) array per combination (MUSC_SPEC 2), computed
+        on the pool's device (one upload of the image's tokens)."""
         if len(tokens) != len(self.token_dims):
             raise InputError(f"expected tokens of {len(self.token_dims)} tapped layers, got {len(tokens)}")
         out = []
@@ -153,7 +175,7 @@ class PoolWindow:
             if t.shape != expect:
                 raise InputError(f"layer {layer}: expected tokens of shape {expect}, got {t.shape}; "
                                  "the model does not match this pool")
-            out.append(lnamd(t[None], r)[0])
+            out.append(lnamd(self.device.asarray(t[None]), r)[0])
         return tuple(out)
 
     def prepare(self, seq: int, tokens: Sequence[np.ndarray], embedding: np.ndarray, *,
@@ -171,21 +193,24 @@ class PoolWindow:
         z = self.features(tokens)
         partners = np.asarray(self.seqs if partners is None else list(partners), np.int64)
         slots = np.asarray([self._slot_of[int(s)] for s in partners], np.int64)
-        n_patches = self.grid * self.grid
-        d_out = np.empty((len(partners), len(self.combos), n_patches), np.float32)
-        d_in = np.empty_like(d_out)
+        xp, n_patches = self.xp, self.grid * self.grid
+        d_out = xp.empty((len(partners), len(self.combos), n_patches), dtype=xp.float32)
+        d_in = xp.empty_like(d_out)
         if len(slots):
             hi = int(slots.max()) + 1
-            step = max(1, _PREPARE_BLOCK_BYTES // pair_block_bytes(n_patches))
+            block = _PREPARE_BLOCK_BYTES if not self.device.is_gpu else _GPU_PREPARE_BLOCK_BYTES
+            step = max(1, block // pair_block_bytes(n_patches))
+            take = self.device.asarray(slots)
             for q in range(len(self.combos)):
-                out_q = np.empty((n_patches, hi), np.float32)
-                in_q = np.empty((hi, n_patches), np.float32)
+                out_q = xp.empty((n_patches, hi), dtype=xp.float32)
+                in_q = xp.empty((hi, n_patches), dtype=xp.float32)
                 for j0 in range(0, hi, step):
                     j1 = min(hi, j0 + step)
-                    rows, cols = block_minima(z[q][None], self._z[q][j0:j1])
+                    rows, cols = block_minima(z[q][None], self._z[q][j0:j1], precision=self.device.precision)
                     out_q[:, j0:j1] = rows[0]
                     in_q[j0:j1] = cols[:, :, 0]
-                d_out[:, q], d_in[:, q] = out_q.T[slots], in_q[slots]
+                d_out[:, q] = xp.take(out_q.T, take, axis=0)
+                d_in[:, q] = xp.take(in_q, take, axis=0)
         return Entry(int(seq), tuple(np.asarray(t) for t in tokens), emb, partners, d_out, d_in,
                      dict(info or {}), z)
 
@@ -206,12 +231,16 @@ class PoolWindow:
         z = entry.z if entry.z is not None else self.features(entry.tokens)
         slot = self._free.pop()
         for q in range(len(self.combos)):
-            self._z[q][slot] = z[q]
-        self._emb[slot] = entry.embedding
-        for other, other_slot in self._slot_of.items():
-            p = row_of[other]
-            self._d[slot, :, :, other_slot] = entry.d_out[p]
-            self._d[other_slot, :, :, slot] = entry.d_in[p]
+            self._z[q][slot] = self.device.asarray(z[q])
+        self._emb[slot] = self.device.asarray(entry.embedding)
+        if self._slot_of:  # the rows of the images now in the pool, in one scatter per direction
+            rows = self.device.asarray(np.asarray([row_of[s] for s in self._slot_of], np.int64))
+            others = self.device.asarray(np.asarray(list(self._slot_of.values()), np.int64))
+            d_out, d_in = self.device.asarray(entry.d_out), self.device.asarray(entry.d_in)
+            # numpy's (and CuPy's) rule: the scalar and the index array are split by slices, so the
+            # indexed dimension comes first: the target is (P, Q, L), like the rows themselves
+            self._d[slot, :, :, others] = self.xp.take(d_out, rows, axis=0)
+            self._d[others, :, :, slot] = self.xp.take(d_in, rows, axis=0)
         self._slot_of[entry.seq] = slot
 
     def evict(self, seq: int) -> None:
@@ -233,13 +262,20 @@ class PoolWindow:
         if n < 2:
             raise InputError(f"MuSc needs at least 2 images in the pool, got {n}")
         lo, hi = check_interval(n, self.params.interval)
-        slots = [self._slot_of[s] for s in seqs]
-        chunk = max(1, (4 << 20) // self._d[0].nbytes)
-        out = np.empty((len(slots), self.grid * self.grid), np.float64)
+        return self.device.to_host(self._patch_maps(seqs, lo, hi))
+
+    def _patch_maps(self, seqs: Sequence[int], lo: int, hi: int) -> Any:
+        """The maps in the pool's namespace, (len(seqs), G, G) float64."""
+        xp = self.xp
+        slots = np.asarray([self._slot_of[s] for s in seqs], np.int64)
+        row_bytes = int(np.prod(self._d.shape[1:])) * 4
+        chunk = max(1, (_GPU_SELECT_BYTES if self.device.is_gpu else 4 << 20) // row_bytes)
+        parts = []
         for c0 in range(0, len(slots), chunk):
-            a = interval_mean(self._d[slots[c0:c0 + chunk]], lo, hi)  # (c, Q, L): A_i per layer and r
-            out[c0:c0 + chunk] = a.mean(axis=1)
-        return out.reshape(len(slots), self.grid, self.grid)
+            rows = xp.take(self._d, self.device.asarray(slots[c0:c0 + chunk]), axis=0)  # self/free slots: +inf
+            parts.append(xp.mean(interval_mean(rows, lo, hi), axis=1))  # (c, Q, L) -> mean over layers and r
+        out = parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
+        return xp.reshape(out, (len(slots), self.grid, self.grid))
 
     def score_all(self) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray]:
         """Score the whole pool: (seqs, patch maps (N, G, G), raw scores (N,), RsCIN scores (N,)).
@@ -247,10 +283,16 @@ class PoolWindow:
         RsCIN (MUSC_SPEC 5) needs every image's raw score, so this is N selections.
         """
         seqs = self.seqs
-        maps = self.patch_maps(seqs)
-        raw = maps.reshape(len(seqs), -1).max(axis=1)
-        emb = self._emb[[self._slot_of[s] for s in seqs]]
-        return seqs, maps, raw, rscin(raw, emb, self.params.k_list)
+        n = len(seqs)
+        if n < 2:
+            raise InputError(f"MuSc needs at least 2 images in the pool, got {n}")
+        lo, hi = check_interval(n, self.params.interval)
+        xp = self.xp
+        maps = self._patch_maps(seqs, lo, hi)
+        raw = xp.max(xp.reshape(maps, (n, -1)), axis=1)
+        emb = xp.take(self._emb, self.device.asarray(np.asarray([self._slot_of[s] for s in seqs], np.int64)), axis=0)
+        final = rscin(raw, emb, self.params.k_list)
+        return seqs, self.device.to_host(maps), self.device.to_host(raw), self.device.to_host(final)
 
 
 def check_stream_settings(capacity: int, delay: int, min_pool: int, n_references: int = 0) -> None:

@@ -135,7 +135,7 @@ def test_tiny_budget_really_splits_owner_blocks(monkeypatch):
     """The tiny-budget test above must exercise the owner-block path, not one block."""
     calls = []
     real = msm_mod._score_owner_block
-    monkeypatch.setattr(msm_mod, "_score_owner_block", lambda *a: calls.append(a[2:4]) or real(*a))
+    monkeypatch.setattr(msm_mod, "_score_owner_block", lambda *a, **k: calls.append(a[2:4]) or real(*a, **k))
     rng = np.random.default_rng(5)
     msm(unit(rng, 11, 9, 16), mem_budget_bytes=2_000)
     assert len(calls) > 1
