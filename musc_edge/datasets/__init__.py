@@ -74,12 +74,13 @@ def discover(root: str | Path, gt: str | Path = "auto", *, layout: str = "auto",
         raise InputError(f"{root} is not a folder; pass a folder of images or a data set folder")
     mode, gt_dir = _gt_mode(gt)
     excluded = frozenset(Path(e).resolve() for e in exclude)
+    folder_flags = normal_dir is not None or abnormal_dir is not None or mask_dir is not None
     if layout == "auto":
-        layout = "folder" if normal_dir is not None else detect_layout(root)
+        # any of the Folder flags names that layout; without --normal-dir it then says what is missing
+        layout = "folder" if folder_flags else detect_layout(root)
         log.info("--layout auto: reading %s as %s", root, layout)
     if layout not in LAYOUTS:
         raise InputError(f"--layout {layout!r} is not known; choose one of auto, {', '.join(LAYOUTS)}")
-    folder_flags = normal_dir is not None or abnormal_dir is not None or mask_dir is not None
     if layout == "folder":
         if gt_dir is not None:
             raise InputError("--layout folder takes its masks from --mask-dir, not --gt MASKDIR")

@@ -96,6 +96,24 @@ def mask_index(mask_dir: Path) -> dict[tuple[str, str], Path]:
     return index
 
 
+def _type_children(gt: Path) -> list[Path]:
+    """What the ``<type>/`` folders of a ground-truth folder hold (visible entries only)."""
+    if not gt.is_dir():
+        return []
+    return [child for kind in sorted(gt.iterdir()) if kind.is_dir() and not kind.name.startswith(".")
+            for child in sorted(kind.iterdir()) if not child.name.startswith(".")]
+
+
+def has_mask_folders(gt: Path) -> bool:
+    """True when ``gt/<type>/`` holds a folder of masks per image (MVTec LOCO AD: ``<type>/<stem>/000.png``)."""
+    return any(child.is_dir() for child in _type_children(gt))
+
+
+def has_mask_files(gt: Path) -> bool:
+    """True when ``gt/<type>/`` holds mask image files (MVTec AD: ``<type>/<stem>_mask.png``)."""
+    return any(child.is_file() and child.suffix.lower() in MASK_SUFFIXES for child in _type_children(gt))
+
+
 def find_mask(index: dict[tuple[str, str], Path], kind: str | None, stem: str) -> Path | None:
     """The mask of image ``stem`` (of defect class ``kind``): ``<kind>/<stem>_mask``, ``<stem>``..."""
     parents = ([kind] if kind else []) + ["."]
@@ -108,6 +126,7 @@ def find_mask(index: dict[tuple[str, str], Path], kind: str | None, stem: str) -
 
 
 def _decode_gray(path: Path) -> np.ndarray:
+    """The mask's pixel values, one channel, at the file's own bit depth."""
     import cv2
 
     try:
@@ -117,11 +136,19 @@ def _decode_gray(path: Path) -> np.ndarray:
     mask = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if mask is None:
         raise ImageDecodeError(f"{path}: not a readable mask image")
-    if mask.ndim == 3:  # a colour-saved mask: a pixel is defect where any channel is
-        mask = mask.max(axis=2)
-    if mask.dtype == np.uint16:  # 16-bit masks: back to the 8-bit scale the thresholds assume
-        mask = (mask >> 8).astype(np.uint8) if mask.max() > 255 else mask.astype(np.uint8)
+    if mask.ndim == 3:
+        if mask.shape[2] == 4:  # BGRA (or gray + alpha): the alpha channel is opacity, not defect
+            mask = mask[:, :, :3]
+        mask = mask.max(axis=2)  # a colour-saved mask: a pixel is defect where any channel is
     return mask
+
+
+def _defect_pixels(mask: np.ndarray, nonzero: bool) -> np.ndarray:
+    if nonzero:
+        return mask > 0
+    if mask.dtype == np.uint16 and mask.max() > 255:  # a 16-bit 0/65535 mask: the 8-bit threshold, scaled
+        return (mask >> 8) > 127
+    return mask > 127
 
 
 def read_mask(path: str | Path, shape: tuple[int, int] | None = None, *, nonzero: bool = False) -> np.ndarray:
@@ -136,7 +163,8 @@ def read_mask(path: str | Path, shape: tuple[int, int] | None = None, *, nonzero
 
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in MASK_SUFFIXES)
+        files = sorted(p for p in path.iterdir()
+                       if p.suffix.lower() in MASK_SUFFIXES and not p.name.startswith(".") and p.is_file())
         if not files:
             raise ImageDecodeError(f"{path}: a mask folder with no mask images in it")
         parts = [read_mask(p, shape, nonzero=nonzero) for p in files]
@@ -146,7 +174,7 @@ def read_mask(path: str | Path, shape: tuple[int, int] | None = None, *, nonzero
     mask = _decode_gray(path)
     if shape is not None and mask.shape != tuple(shape):
         mask = cv2.resize(mask, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
-    return mask > 0 if nonzero else mask > 127
+    return _defect_pixels(mask, nonzero)
 
 
 #: Orders ``order_samples`` knows: by name (the listing order of a layout) or by modification time.

@@ -26,6 +26,9 @@ def make_dataset(root: Path, *, gt_mode: str = "auto", mask_dir: Path | None = N
     if not images:
         raise InputError(f"no images (jpg/png/bmp/tiff) directly in {root}; pass a folder of images, "
                          "or a data set folder (--layout mvtec|visa|loco|folder)")
+    if mask_dir is not None and mask_dir.resolve() == root.resolve():
+        # every image would be found as its own mask (``<stem>.png``) and called defective
+        raise InputError(f"--gt {mask_dir} is the folder being scored; keep the masks in a folder of their own")
     index = mask_index(mask_dir) if mask_dir is not None else None
     samples = []
     for p in images:

@@ -28,7 +28,11 @@ def make_dataset(root: Path, *, gt_mode: str = "auto", mask_dir: Path | None = N
         raise InputError("--layout folder needs --normal-dir (and usually --abnormal-dir, --mask-dir)")
     samples: list[Sample] = []
     warnings: list[str] = []
-    index = mask_index(root / mask_dir) if mask_dir is not None and gt_mode != "none" else None
+    index = None
+    if mask_dir is not None and gt_mode != "none":
+        if not (root / mask_dir).is_dir():  # else every abnormal image would silently have no mask
+            raise InputError(f"--mask-dir {mask_dir}: no such folder under {root}")
+        index = mask_index(root / mask_dir)
     for flag, sub, label in (("--normal-dir", normal_dir, 0), ("--abnormal-dir", abnormal_dir, 1)):
         if sub is None:
             continue

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import Dataset
+from musc_edge.core.errors import InputError
+
+from .base import Dataset, has_mask_files, has_mask_folders
 from .mvtec import collect, type_dirs
 
 NAME = "loco"
@@ -17,15 +19,16 @@ NAME = "loco"
 
 def detect(root: Path) -> bool:
     gt = root / "ground_truth"
-    if not type_dirs(root) or not gt.is_dir():
-        return False
-    return any(child.is_dir() for kind in gt.iterdir() if kind.is_dir() for child in kind.iterdir())
+    return bool(type_dirs(root)) and has_mask_folders(gt) and not has_mask_files(gt)
 
 
 def make_dataset(root: Path, *, gt_mode: str = "auto", mask_dir: Path | None = None,
                  excluded: frozenset[Path] = frozenset()) -> Dataset:
     if gt_mode == "auto":
         mask_dir = root / "ground_truth"
+        if has_mask_files(mask_dir) and not has_mask_folders(mask_dir):
+            raise InputError(f"{mask_dir} holds mask files (<type>/<stem>_mask.png), the MVTec AD layout, not "
+                             "MVTec LOCO AD's folder of masks per image (<type>/<stem>/000.png); use --layout mvtec")
     mask_for = None
     if mask_dir is not None and gt_mode != "none":
         def mask_for(kind: str, stem: str) -> Path | None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from musc_edge.core.errors import InputError
 
-from .base import GOOD_TYPE, Dataset, Sample, find_mask, list_images, mask_index
+from .base import GOOD_TYPE, Dataset, Sample, find_mask, has_mask_files, has_mask_folders, list_images, mask_index
 
 NAME = "mvtec"
 
@@ -56,6 +56,9 @@ def make_dataset(root: Path, *, gt_mode: str = "auto", mask_dir: Path | None = N
                  excluded: frozenset[Path] = frozenset()) -> Dataset:
     if gt_mode == "auto":
         mask_dir = root / "ground_truth" if (root / "ground_truth").is_dir() else None
+        if mask_dir is not None and has_mask_folders(mask_dir) and not has_mask_files(mask_dir):
+            raise InputError(f"{mask_dir} holds a folder of masks per image (<type>/<stem>/000.png), the MVTec "
+                             "LOCO AD layout; use --layout loco (or --layout auto)")
     index = mask_index(mask_dir) if mask_dir is not None and gt_mode != "none" else None
     mask_for = None if index is None else (lambda kind, stem: find_mask(index, kind, stem))
     return collect(root, NAME, gt_mode=gt_mode, mask_dir=mask_dir, excluded=excluded, mask_for=mask_for,
