@@ -2,6 +2,6 @@
 the rolling pool's math, map upsampling, metrics, types, errors, parameters.
 
 Imports numpy, ``array_api_compat`` and the standard library, and nothing of ours outside this
-package (``tests/unit/core/test_core_alone.py`` checks it with OpenCV, click, watchdog, ONNX
+package (``tests/unit/test_architecture.py`` checks it with OpenCV, click, watchdog, ONNX
 Runtime, torch and open_clip blocked).
 """

@@ -3,7 +3,7 @@
 Why this module exists: the authors' evaluation calls scikit-learn on every pixel of a category
 (one argsort per metric, about 9 s each for 25 M pixels on one core) and computes AUPRO with a
 Python loop over 200 thresholds x every ground-truth region (minutes). We give the same numbers,
-vectorised and in pure numpy (OpenCV only labels connected regions):
+vectorised and in pure numpy (regions labelled by :mod:`musc_edge.core.regions`):
 
 * AUROC, AP and F1-max all come from one ``np.sort`` of the pooled scores and, for each distinct
   score of a positive, how many scores lie below it and how many tie with it (:class:`RankCounts`).
@@ -32,6 +32,7 @@ from typing import Sequence, Union
 import numpy as np
 
 from .errors import InputError
+from .regions import positive_regions
 
 ArrayLike = Union[np.ndarray, Sequence]
 
@@ -247,8 +248,8 @@ def _pool_pixels(masks: ArrayLike, maps: ArrayLike, *, regions: bool) -> _Pooled
     """Check masks and maps pairwise and pool them; label 8-connected regions if asked.
 
     Images may have different sizes (metrics are taken at the original image size). Regions are
-    labelled per image with OpenCV's 8-connected ``connectedComponents`` (the same regions as
-    ``skimage.measure.label``'s default full connectivity used by the authors).
+    labelled per image, 8-connected (:func:`musc_edge.core.regions.positive_regions`: the same regions
+    as ``skimage.measure.label``'s default full connectivity used by the authors).
     """
     masks = masks if hasattr(masks, "__len__") else list(masks)
     maps = maps if hasattr(maps, "__len__") else list(maps)
@@ -256,8 +257,6 @@ def _pool_pixels(masks: ArrayLike, maps: ArrayLike, *, regions: bool) -> _Pooled
         raise InputError(f"expected one map per mask ({len(masks)} masks), but got {len(maps)} maps")
     if len(masks) == 0:
         raise InputError("expected at least one mask and map, but got none")
-    if regions:
-        import cv2  # a runtime dependency; imported only when regions are needed (import cost)
     all_scores, pos_scores, pos_weights = [], [], []
     n_regions = 0
     for i in range(len(masks)):  # indexing, not iteration: lazy sequences load one image at a time
@@ -265,12 +264,11 @@ def _pool_pixels(masks: ArrayLike, maps: ArrayLike, *, regions: bool) -> _Pooled
         a = _map_array(maps[i], i, m.shape)
         all_scores.append(a.ravel())
         if regions and m.any():
-            n_labels, labelled = cv2.connectedComponents(np.ascontiguousarray(m, dtype=np.uint8), connectivity=8)
-            area = np.bincount(labelled.ravel(), minlength=n_labels)
-            inside = labelled[m]
+            k, inside = positive_regions(m)  # region of each defect pixel, row-major like a[m]
+            area = np.bincount(inside, minlength=k)
             pos_scores.append(a[m])
             pos_weights.append(1.0 / area[inside])
-            n_regions += n_labels - 1
+            n_regions += k
         elif m.any():
             pos_scores.append(a[m])
     dtype = np.result_type(*[s.dtype for s in all_scores])
