@@ -32,12 +32,13 @@ class CalibrationRun:
 def calibrate_folder(model: str | Path, images: str | Path, out: str | Path, *, mode: str | None = None,
                      method: str | None = None, num: int = 64, holdout: int = 16, batch: int = 8,
                      cache: str | Path | None = None, report: bool = True, musc: bool = True,
-                     threads: int | None = None, seed: int = 0) -> CalibrationRun:
+                     threads: int | None = None, seed: int = 0, score_device: str = "cpu") -> CalibrationRun:
     """Quantize ``model`` with images from ``images`` into ``out`` and report what it cost.
 
     mode None picks the measured default for the model family (:func:`.quantize.default_mode`).
     The report compares both models on ONNX Runtime's CPU provider, also for ``trt`` mode (whose
     Q/DQ form is meant for TensorRT and is slow on the CPU: its cosine still tells the accuracy).
+    ``score_device``: where the report's MuSc comparison scores (``cpu``, ``cuda``, ``auto``).
     """
     model, out = Path(model), Path(out)
     _, meta = load_fp32_model(model)
@@ -55,5 +56,5 @@ def calibrate_folder(model: str | Path, images: str | Path, out: str | Path, *, 
         warn_if_random(meta, model)
         return CalibrationRun(result, None, None)
     data = build_report(model, out, split, result.describe(), batch_size=batch, threads=threads, musc=musc,
-                        simulate_int8=result.config.mode == "trt")  # TensorRT's arithmetic, not ORT's kernels
+                        simulate_int8=result.config.mode == "trt", score_device=score_device)  # TensorRT's arithmetic, not ORT's kernels
     return CalibrationRun(result, write_report(data, out), data)

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from musc_edge import __version__
+from musc_edge.core.device import CPU, ScoreDevice, resolve_device
 from musc_edge.core.params import DEFAULT_PARAMS, MuscParams
 from musc_edge.core.pools import BatchPool
 from musc_edge.datasets.evaluation import evaluate
@@ -111,11 +112,11 @@ def compare_speed(fp32: Any, int8: Any, batch: np.ndarray, repeats: int = 5,
 
 # -------------------------------------------------------------------------------------------- MuSc
 def musc_metrics(extractor: Any, samples: Sequence[Sample], batch_size: int = 8,
-                 params: MuscParams = DEFAULT_PARAMS) -> dict | None:
+                 params: MuscParams = DEFAULT_PARAMS, device: ScoreDevice = CPU) -> dict | None:
     """Score ``samples`` as one MuSc pool with ``extractor`` (the :class:`BatchPool` that
     ``musc-edge score`` uses, so float16 tokens as there) and return MUSC_SPEC 6 metrics."""
     by_path = {s.path: s for s in samples}
-    pool = BatchPool(extractor.meta, len(samples), params)
+    pool = BatchPool(extractor.meta, len(samples), params, device=device)
     used: list[Sample] = []
     sizes: list[tuple[int, int]] = []
     for batch in iter_features([s.path for s in samples], extractor, batch_size):
@@ -153,13 +154,14 @@ def open_simulated(path: str | Path, threads: int | None = None) -> FeatureExtra
 def build_report(fp32_path: str | Path, int8_path: str | Path, split: ImageSplit, quantization: dict, *,
                  batch_size: int = 8, speed_repeats: int = 5, threads: int | None = None,
                  musc: bool = True, params: MuscParams = DEFAULT_PARAMS,
-                 simulate_int8: bool = False) -> dict:
+                 simulate_int8: bool = False, score_device: str = "cpu") -> dict:
     """Compare the FP32 and INT8 models (both on ONNX Runtime's CPU provider) and return the report.
 
     simulate_int8: run the INT8 model as simulated quantization rather than through ORT's int8
     kernels (for ``--mode trt`` models, which TensorRT will run; see the module docstring).
     """
     fp32_path, int8_path = Path(fp32_path), Path(int8_path)
+    device = resolve_device(score_device) if musc else CPU  # refused before minutes of comparison
     fp32 = load_model(fp32_path, "cpu", threads=threads)
     int8 = open_simulated(int8_path, threads) if simulate_int8 else load_model(int8_path, "cpu", threads=threads)
     try:
@@ -178,7 +180,7 @@ def build_report(fp32_path: str | Path, int8_path: str | Path, split: ImageSplit
             speed["device"] = "cpu"
         execution = {"fp32": fp32.description, "int8": int8.description,
                      "int8_arithmetic": "simulated" if simulate_int8 else "onnxruntime int8 kernels"}
-        musc_part = _musc_part(fp32, int8, split.dataset, split.evaluation, batch_size, params) if musc \
+        musc_part = _musc_part(fp32, int8, split.dataset, split.evaluation, batch_size, params, device) if musc \
             else {"skipped": "disabled (--no-musc)"}
     finally:
         fp32.close()
@@ -202,7 +204,7 @@ def build_report(fp32_path: str | Path, int8_path: str | Path, split: ImageSplit
 
 
 def _musc_part(fp32: Any, int8: Any, dataset: Dataset, evaluation: Sequence[Path], batch_size: int,
-               params: MuscParams) -> dict:
+               params: MuscParams, device: ScoreDevice = CPU) -> dict:
     chosen = set(evaluation)
     samples = [s for s in dataset.samples if s.path in chosen]
     if not any(s.label is not None for s in samples):
@@ -210,11 +212,11 @@ def _musc_part(fp32: Any, int8: Any, dataset: Dataset, evaluation: Sequence[Path
     labels = {s.label for s in samples}
     if labels != {0, 1}:
         return {"skipped": "the evaluation images hold only one class; image AUROC needs good and defective images"}
-    m_fp32 = musc_metrics(fp32, samples, batch_size, params)
-    m_int8 = musc_metrics(int8, samples, batch_size, params)
+    m_fp32 = musc_metrics(fp32, samples, batch_size, params, device)
+    m_int8 = musc_metrics(int8, samples, batch_size, params, device)
     return {
         "images": len(samples),
-        "r": list(params.r_list), "k": list(params.k_list),
+        "r": list(params.r_list), "k": list(params.k_list), "score_device": device.name,
         "fp32": m_fp32, "int8": m_int8,
         "image_auroc_drop": _drop(_auroc(m_fp32, "image"), _auroc(m_int8, "image")),
         "pixel_auroc_drop": _drop(_auroc(m_fp32, "pixel"), _auroc(m_int8, "pixel")),

@@ -75,3 +75,13 @@ def layout_options(f):
                      help="Dataset layout of DIR: " + "; ".join(f"{n}: {l.summary}" for n, l in LAYOUTS.items())
                           + ". auto detects visa, loco, mvtec, then flat (folder when --normal-dir is given).")(f)
     return f
+
+
+score_device_option = click.option(
+    "--score-device", "score_device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "auto"]),
+    help="Where MuSc's mutual scoring runs (LNAMD, MSM, RsCIN): cpu (numpy) or cuda (CuPy, the [cuda] extra); "
+         "auto uses the GPU when CuPy finds one. --device chooses where the backbone runs.")
+precision_option = click.option(
+    "--precision", default="exact", show_default=True, type=click.Choice(["exact", "fast"]),
+    help="exact: FP32 products, the CPU's numbers. fast (GPU only): FP16 tensor-core products choose each "
+         "nearest patch, its distance is still FP32 (docs/scorer.md has the measured difference).")

@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import array_api_compat.numpy
 import numpy as np
 
 from .errors import DeviceError, InputError
@@ -35,10 +36,16 @@ CUDA_HINT = ("pip install 'musc-edge[cuda]' (cupy-cuda12x; cupy-cuda13x for a CU
 
 @dataclass(frozen=True)
 class ScoreDevice:
-    """An array library to score in: ``xp`` is numpy or cupy; ``name`` is ``cpu`` or ``cuda:N``."""
+    """An array library to score in.
+
+    name: ``cpu`` or ``cuda:N``. xp: its array API namespace (``array_api_compat.numpy`` or
+    ``array_api_compat.cupy``, so the same calls work on numpy 1.x too). lib: the library itself
+    (numpy or cupy), for what the standard has no word for (device memory, copies to the host).
+    """
 
     name: str
     xp: Any
+    lib: Any
     precision: str = "exact"
     info: dict = field(default_factory=dict, compare=False)
 
@@ -54,21 +61,21 @@ class ScoreDevice:
         """A numpy copy of a device array (a numpy array is returned as it is)."""
         if isinstance(x, np.ndarray) or not self.is_gpu:
             return np.asarray(x)
-        return self.xp.asnumpy(x)
+        return self.lib.asnumpy(x)
 
     def free_bytes(self) -> int | None:
         """Free device memory (GPU), or None on the CPU (the host budget applies there)."""
         if not self.is_gpu:
             return None
-        free, _total = self.xp.cuda.runtime.memGetInfo()
+        free, _total = self.lib.cuda.runtime.memGetInfo()
         return int(free)
 
     def synchronize(self) -> None:
         if self.is_gpu:
-            self.xp.cuda.get_current_stream().synchronize()
+            self.lib.cuda.get_current_stream().synchronize()
 
 
-CPU = ScoreDevice("cpu", np)
+CPU = ScoreDevice("cpu", array_api_compat.numpy, np)
 
 
 def _import_cupy() -> Any:
@@ -97,7 +104,9 @@ def _cuda_device(precision: str) -> ScoreDevice:
     info = {"gpu": name, "cupy": cupy.__version__, "cuda_runtime": cupy.cuda.runtime.runtimeGetVersion(),
             "cuda_driver": cupy.cuda.runtime.driverGetVersion(),
             "compute_capability": dev.compute_capability, "tf32": os.environ.get("CUPY_TF32", "0")}
-    return ScoreDevice(f"cuda:{dev.id}", cupy, precision, info)
+    import array_api_compat.cupy as xp_cupy
+
+    return ScoreDevice(f"cuda:{dev.id}", xp_cupy, cupy, precision, info)
 
 
 def _pin_fp32(cupy: Any) -> None:

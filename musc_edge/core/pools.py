@@ -19,26 +19,29 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from .device import CPU, ScoreDevice
 from .meta import ModelMeta
 from .params import DEFAULT_PARAMS, MuscParams
 from .scorer import score_tokens
 from .types import Scores
 from .window import CentredStream
 
-#: A score step: (tokens per layer (N, 1 + G*G, C), embeddings (N, D), params) -> Scores.
-ScoreStep = Callable[[Sequence[np.ndarray], np.ndarray, MuscParams], Scores]
+#: A score step: (tokens per layer (N, 1 + G*G, C), embeddings (N, D), params, device) -> Scores.
+ScoreStep = Callable[[Sequence[np.ndarray], np.ndarray, MuscParams, ScoreDevice], Scores]
 
 
-def batch_score_step(tokens: Sequence[np.ndarray], embedding: np.ndarray, params: MuscParams) -> Scores:
+def batch_score_step(tokens: Sequence[np.ndarray], embedding: np.ndarray, params: MuscParams,
+                     device: ScoreDevice = CPU) -> Scores:
     """Batch MuSc over the whole pool (MUSC_SPEC 2-5): every image scored against all others."""
-    return score_tokens(list(tokens), embedding, params=params)
+    return score_tokens(list(tokens), embedding, params=params, device=device)
 
 
 class PoolScorer(ABC):
     """Takes the pool's features batch by batch as the backbone produces them; scores at the end."""
 
-    #: what ``run.json`` calls this scorer
+    #: what ``run.json`` calls this scorer, and where it scores
     name: str = "pool"
+    device_name: str = "cpu"
 
     @abstractmethod
     def add(self, tokens: Sequence[np.ndarray], embedding: np.ndarray) -> None:
@@ -53,12 +56,13 @@ class BatchPool(PoolScorer):
     """Batch MuSc: keep every image's tokens (float16) and score the whole pool in one step."""
 
     def __init__(self, meta: ModelMeta, capacity: int, params: MuscParams = DEFAULT_PARAMS,
-                 score_step: ScoreStep = batch_score_step) -> None:
+                 score_step: ScoreStep = batch_score_step, device: ScoreDevice = CPU) -> None:
         n_tokens = 1 + meta.grid * meta.grid
         self._tokens = [np.empty((capacity, n_tokens, c), np.float16) for c in meta.token_dims]
         self._embedding = np.empty((capacity, meta.embed_dim), np.float32)
         self._n = 0
-        self.params, self.score_step = params, score_step
+        self.params, self.score_step, self.device = params, score_step, device
+        self.device_name = device.name
         self.name = getattr(score_step, "__name__", type(score_step).__name__)
 
     @property
@@ -78,7 +82,7 @@ class BatchPool(PoolScorer):
         self._n += b
 
     def finish(self) -> Scores:
-        scores = self.score_step(self.tokens, self.embedding, self.params)
+        scores = self.score_step(self.tokens, self.embedding, self.params, self.device)
         self._tokens, self._embedding = [], np.empty((0, self._embedding.shape[1]), np.float32)  # freed
         return scores
 
@@ -91,10 +95,11 @@ class StreamPool(PoolScorer):
     """
 
     def __init__(self, meta: ModelMeta, window: int, params: MuscParams = DEFAULT_PARAMS, *,
-                 mem_budget_bytes: int | None = None, n_references: int = 0) -> None:
+                 mem_budget_bytes: int | None = None, n_references: int = 0, device: ScoreDevice = CPU) -> None:
         self.stream = CentredStream(meta.grid, meta.token_dims, meta.embed_dim, window=window, params=params,
-                                    mem_budget_bytes=mem_budget_bytes, n_references=n_references)
+                                    mem_budget_bytes=mem_budget_bytes, n_references=n_references, device=device)
         self.name = f"rolling_window_{window}"
+        self.device_name = self.stream.device.name
 
     def add_references(self, tokens: Sequence[np.ndarray], embedding: np.ndarray) -> None:
         """A batch of known-good images that seed every window (before the first :meth:`add`)."""

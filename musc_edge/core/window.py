@@ -321,7 +321,8 @@ class RollingScorer:
 
     def __init__(self, grid: int, token_dims: Sequence[int], embed_dim: int, *, capacity: int,
                  delay: int = 0, min_pool: int = 8, n_references: int = 0,
-                 params: MuscParams = DEFAULT_PARAMS, mem_budget_bytes: int | None = None) -> None:
+                 params: MuscParams = DEFAULT_PARAMS, mem_budget_bytes: int | None = None,
+                 device: str | ScoreDevice = CPU) -> None:
         check_stream_settings(capacity, delay, min_pool, n_references)
         pool_max = capacity + n_references
         self.capacity = int(capacity)
@@ -330,7 +331,8 @@ class RollingScorer:
         self.n_references = int(n_references)
         what = f"--window {capacity}" + (f" with {n_references} references" if n_references else "")
         self.pool = PoolWindow(grid, token_dims, embed_dim, pool_max, params=params,
-                               mem_budget_bytes=mem_budget_bytes, what=what, reserved_slots=n_references)
+                               mem_budget_bytes=mem_budget_bytes, what=what, reserved_slots=n_references,
+                               device=device)
         self.references: list[int] = []
         self.stream: deque[int] = deque()  # stream seqs in the pool, oldest first
         self.pending: deque[int] = deque()  # stream seqs not yet reported, oldest first
@@ -441,13 +443,14 @@ class CentredStream:
 
     def __init__(self, grid: int, token_dims: Sequence[int], embed_dim: int, *, window: int,
                  params: MuscParams = DEFAULT_PARAMS, mem_budget_bytes: int | None = None,
-                 n_references: int = 0) -> None:
+                 n_references: int = 0, device: str | ScoreDevice = CPU) -> None:
         if window < 2:
             raise InputError(f"--window must be at least 2, got {window}")
         self.grid, self.token_dims, self.embed_dim = int(grid), tuple(token_dims), int(embed_dim)
         self.window = int(window)
         self.params = params
         self.mem_budget_bytes = mem_budget_bytes
+        self.device = resolve_device(device)
         # Refused now, not when image W + 1 arrives: the pool's size is known from the settings.
         check_fits(pool_footprint(self.window + n_references, self.grid * self.grid, self.token_dims,
                                   len(params.r_list), self.embed_dim), mem_budget_bytes,
@@ -498,7 +501,7 @@ class CentredStream:
             if len(images) < 2:
                 raise InputError(f"MuSc scores images against each other and needs >= 2, got {len(images)}")
             pool = score_tokens([np.stack([img[0][layer] for img in images]) for layer in range(len(self.token_dims))],
-                                np.stack([img[1] for img in images]), params=self.params)
+                                np.stack([img[1] for img in images]), params=self.params, device=self.device)
             skip = len(self._refs)
             self._refs, self._buffer = [], []
             return Scores(pool.patch_maps[skip:], pool.image_scores_raw[skip:], pool.image_scores[skip:])
@@ -511,7 +514,7 @@ class CentredStream:
         """More images than one window: from now on each image goes through the rolling scorer."""
         self._scorer = RollingScorer(self.grid, self.token_dims, self.embed_dim, capacity=self.window,
                                      delay=self.window // 2, min_pool=2, n_references=len(self._refs),
-                                     params=self.params, mem_budget_bytes=self.mem_budget_bytes)
+                                     params=self.params, mem_budget_bytes=self.mem_budget_bytes, device=self.device)
         n_refs = len(self._refs)
         for i in range(n_refs):  # popped as they go in: their LNAMD features now live in the pool
             tokens, embedding = self._refs.pop(0)
@@ -526,7 +529,8 @@ class CentredStream:
 
 
 def stream_scores(layer_tokens: Sequence[np.ndarray], embedding: np.ndarray, *, window: int,
-                  params: MuscParams = DEFAULT_PARAMS, mem_budget_bytes: int | None = None) -> Scores:
+                  params: MuscParams = DEFAULT_PARAMS, mem_budget_bytes: int | None = None,
+                  device: str | ScoreDevice = CPU) -> Scores:
     """Score N images, held in memory, in their given order as a stream (:class:`CentredStream`).
 
     Each image is scored against a centred window (``window // 2`` newer images, the rest older;
@@ -537,7 +541,8 @@ def stream_scores(layer_tokens: Sequence[np.ndarray], embedding: np.ndarray, *, 
     """
     embedding = np.asarray(embedding)
     stream = CentredStream(patch_grid(layer_tokens[0].shape[1]), [t.shape[2] for t in layer_tokens],
-                           embedding.shape[1], window=window, params=params, mem_budget_bytes=mem_budget_bytes)
+                           embedding.shape[1], window=window, params=params, mem_budget_bytes=mem_budget_bytes,
+                           device=device)
     for i in range(embedding.shape[0]):
         stream.push([t[i] for t in layer_tokens], embedding[i])
     return stream.finish()

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from musc_edge import __version__
+from musc_edge.core.device import resolve_device
 from musc_edge.core.errors import ImageDecodeError, InputError
 from musc_edge.core.meta import ModelMeta
 from musc_edge.core.params import DEFAULT_PARAMS, MuscParams
@@ -58,6 +59,8 @@ class ScoreSettings:
     abnormal_dir: str | None = None  #: --layout folder: the abnormal images' folder
     mask_dir: str | None = None  #: --layout folder: the masks' folder
     mem_budget_bytes: int | None = None  #: the window's memory budget (None: a share of what is available)
+    score_device: str = "cpu"  #: where MuSc scores: cpu, cuda (CuPy) or auto (--device is the backbone's)
+    precision: str = "exact"  #: exact, or fast (FP16 products choose the nearest patch; GPU only)
 
 
 @dataclass
@@ -181,6 +184,7 @@ def score_folder(data_dir: str | Path, model_path: str | Path, out_dir: str | Pa
                      "interval": list(settings.params.interval), "layout": settings.layout,
                      "gt": str(settings.gt), "heatmaps": settings.heatmaps, "device": settings.device,
                      "workers": settings.workers, "scorer": pool.name, "window": settings.window,
+                     "score_device": getattr(pool, "device_name", settings.score_device), "precision": settings.precision,
                      "order": settings.order,
                      "reference": None if settings.reference is None else str(settings.reference)},
         "counts": {"found": len(dataset.samples), "scored": len(ext.samples), "skipped": len(ext.skipped),
@@ -200,10 +204,11 @@ def score_folder(data_dir: str | Path, model_path: str | Path, out_dir: str | Pa
 def make_pool_scorer(settings: ScoreSettings, meta: ModelMeta, n_images: int,
                      score_step: ScoreStep = batch_score_step, n_references: int = 0) -> PoolScorer:
     """The pool scorer ``settings`` ask for: :class:`StreamPool` with a window, else :class:`BatchPool`."""
+    device = resolve_device(settings.score_device, settings.precision)
     if settings.window is None:
-        return BatchPool(meta, n_images, settings.params, score_step)
+        return BatchPool(meta, n_images, settings.params, score_step, device)
     return StreamPool(meta, settings.window, settings.params, mem_budget_bytes=settings.mem_budget_bytes,
-                      n_references=n_references)
+                      n_references=n_references, device=device)
 
 
 def _add_references(pool: PoolScorer, paths: list[Path], extractor: Any, settings: ScoreSettings) -> None:

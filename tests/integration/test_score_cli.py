@@ -225,14 +225,15 @@ def test_scoring_step_is_swappable_and_gets_float16_tokens(tmp_path, model):
     data = make_category(tmp_path / "cat", n_good=4, defects=("blob",), n_each=1)
     seen = {}
 
-    def spy(tokens, embedding, params):
-        seen.update(dtypes={t.dtype for t in tokens}, n=len(embedding), r=params.r_list, k=params.k_list)
-        return batch_score_step(tokens, embedding, params)
+    def spy(tokens, embedding, params, device):
+        seen.update(dtypes={t.dtype for t in tokens}, n=len(embedding), r=params.r_list, k=params.k_list,
+                    device=device.name)
+        return batch_score_step(tokens, embedding, params, device)
 
     result = score_folder(data, model, tmp_path / "out",
                           ScoreSettings(params=MuscParams(r_list=(1, 3)), progress=False),
                           score_step=spy)
-    assert seen == {"dtypes": {np.dtype(np.float16)}, "n": 5, "r": (1, 3), "k": (1, 2, 3)}
+    assert seen == {"dtypes": {np.dtype(np.float16)}, "n": 5, "r": (1, 3), "k": (1, 2, 3), "device": "cpu"}
     assert result.run["settings"]["scorer"] == "spy"
     assert len(result.samples) == 5 and result.scores.patch_maps.shape == (5, 8, 8)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from musc_edge.core.errors import MuscEdgeError
-from musc_edge.cli.options import batch_option, model_flag
+from musc_edge.cli.options import batch_option, model_flag, score_device_option
 
 
 @click.command(name="calibrate")
@@ -35,8 +35,10 @@ from musc_edge.cli.options import batch_option, model_flag
 @click.option("--no-musc", is_flag=True, help="Report without the MuSc AUROC comparison (faster).")
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(0, 256),
               help="ONNX Runtime threads for the report's comparison (0 = all cores).")
+@score_device_option
 def calibrate(model_path: Path, images: Path, out_path: Path, mode: str | None, method: str | None, num: int,
-              holdout: int, batch: int, cache: Path | None, no_report: bool, no_musc: bool, threads: int) -> None:
+              holdout: int, batch: int, cache: Path | None, no_report: bool, no_musc: bool, threads: int,
+              score_device: str) -> None:
     """Build an INT8 model from a folder of line images and report what it costs.
 
     Quantizes the FP32 ONNX model with ONNX Runtime on the CPU, keeping its musc-edge metadata,
@@ -60,7 +62,7 @@ def calibrate(model_path: Path, images: Path, out_path: Path, mode: str | None, 
 
     run = calibrate_folder(model_path, images, out_path, mode=mode, method=method, num=num, holdout=holdout,
                            batch=batch, cache=cache, report=not no_report, musc=not no_musc,
-                           threads=threads or None)
+                           threads=threads or None, score_device=score_device)
     cfg = run.result.config
     how = (f"{cfg.method}, {len(run.result.calibration_images)} calibration images" if cfg.calibrated
            else "no calibration: activation scales are computed at run time")

@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from musc_edge.cli.options import (batch_option, device_option, heatmaps_option, k_option, layout_options,
-                                   mem_budget_option, model_option, out_option, r_option)
+                                   mem_budget_option, model_option, out_option, precision_option, r_option,
+                                   score_device_option)
 
 
 @click.command(name="score")
@@ -23,6 +24,8 @@ from musc_edge.cli.options import (batch_option, device_option, heatmaps_option,
 @layout_options
 @heatmaps_option
 @device_option
+@score_device_option
+@precision_option
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Threads decoding images ahead of the model.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -39,7 +42,8 @@ from musc_edge.cli.options import (batch_option, device_option, heatmaps_option,
                                   "scored, so a defect repeated through a window still stands out.")
 @mem_budget_option
 def score(data_dir: Path, model_path: Path, out_dir: Path, batch: int, r_list: tuple[int, ...],
-          k_list: tuple[int, ...], gt: str, heatmaps: bool, device: str, workers: int, quiet: bool,
+          k_list: tuple[int, ...], gt: str, heatmaps: bool, device: str, score_device: str, precision: str,
+          workers: int, quiet: bool,
           window: int | None, order: str, reference: Path | None, layout: str, normal_dir: str | None,
           abnormal_dir: str | None, mask_dir: str | None, mem_budget: int | None) -> None:
     """Score every image of DIR against the others (MuSc, zero-shot) and write the results.
@@ -65,7 +69,8 @@ def score(data_dir: Path, model_path: Path, out_dir: Path, batch: int, r_list: t
     settings = ScoreSettings(batch_size=batch, params=MuscParams.of(r_list, None, k_list), gt=gt, heatmaps=heatmaps,
                              device=device, workers=workers, progress=not quiet, window=window, order=order,
                              reference=reference, layout=layout, normal_dir=normal_dir, abnormal_dir=abnormal_dir,
-                             mask_dir=mask_dir, mem_budget_bytes=mem_budget)
+                             mask_dir=mask_dir, mem_budget_bytes=mem_budget, score_device=score_device,
+                             precision=precision)
     result = score_folder(data_dir, model_path, out_dir, settings)
     click.echo(format_summary(result.run, result.metrics, result.out_dir, result.files))
 
@@ -75,7 +80,8 @@ def format_summary(run: dict, metrics: dict | None, out_dir: Path, files: dict[s
     counts, t = run["counts"], run["timings_s"]
     meta = run["model"]["meta"]
     lines = [f"scored {counts['scored']} of {counts['found']} images ({counts['skipped']} skipped), layout "
-             f"{run['layout']}, with {meta['backbone']} @ {meta['image_size']} on {run['model']['backend']}"]
+             f"{run['layout']}, with {meta['backbone']} @ {meta['image_size']} on {run['model']['backend']}; "
+             f"MuSc on {run['settings']['score_device']} ({run['settings']['precision']})"]
     if run["model"]["random_weights"]:
         lines.append("WARNING: random-weights model: these scores mean nothing")
     rate = run.get("images_per_s_features")
