@@ -25,6 +25,13 @@ and the full rescoring are measured.
 
     python benchmarks/bench_stream.py                # about 5-8 minutes on 2 busy cores
     python benchmarks/bench_stream.py --windows 16,32 --layers 2   # a quick look
+    python benchmarks/bench_stream.py --device cuda --windows 64,128,256                 # ViT-B/16 on a GPU
+    python benchmarks/bench_stream.py --device cuda --windows 64,128,256 --grid 37 --dim 1024 --full-max-w 0
+
+On the GPU (``--device cuda``: CuPy, the pool's features and distance table in device memory) the
+windows are filled with random pair rows instead of computed ones (``setup``: the timed steps do
+not depend on the rows' values, and computing W^2 / 2 real pairs of the paper's grid would take
+longer than every timed step together); the new image's rows are computed for real.
 """
 
 from __future__ import annotations
@@ -40,8 +47,10 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from musc_edge.core.device import resolve_device
+from musc_edge.core.errors import MuscEdgeError
 from musc_edge.core.scorer import score_tokens
-from musc_edge.core.window import RollingScorer
+from musc_edge.core.window import Entry, RollingScorer
 
 
 def synthetic_images(n: int, n_tokens: int, dim: int, layers: int, embed_dim: int, seed: int = 0):
@@ -67,9 +76,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed steady-state steps per W")
     ap.add_argument("--threads", type=int, default=1, help="BLAS threads (1: per-core cost, steadier on a busy box)")
     ap.add_argument("--full-max-w", type=int, default=128, help="largest W rescored from scratch")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the pool lives and scores")
+    ap.add_argument("--precision", default="exact", choices=["exact", "fast"])
     args = ap.parse_args()
     with threadpool_limits(args.threads):
-        run(args)
+        try:
+            run(args)
+        except MuscEdgeError as e:  # no CuPy, no GPU: one line, as the CLI says it
+            raise SystemExit(f"error: {e}") from None
 
 
 def run(args: argparse.Namespace) -> None:
@@ -78,17 +92,24 @@ def run(args: argparse.Namespace) -> None:
     n_tokens = 1 + g * g
     w_max = windows[-1]
     images = list(synthetic_images(w_max + args.steps, n_tokens, dim, layers, embed_dim))
-    kwargs = dict(delay=0, min_pool=2)
+    device = resolve_device(args.device, args.precision)
+    kwargs = dict(delay=0, min_pool=2, device=device)
 
-    # Prepared entries 0..w_max-1, each with pair rows against every earlier image (untimed).
     t0 = time.perf_counter()
-    filler = RollingScorer(g, [dim] * layers, embed_dim, capacity=w_max, **kwargs)
-    entries = []
-    for seq in range(w_max):
-        e = filler.prepare(seq, *images[seq])
-        filler.push(e)
-        entries.append(dataclasses.replace(e, tokens=()))  # the pool keeps z; tokens not needed
-    del filler
+    if device.is_gpu:  # random rows (see the docstring); features computed for real
+        rng = np.random.default_rng(1)
+        q = layers * 3
+        entries = [Entry(seq, tuple(images[seq][0]), images[seq][1], np.arange(seq, dtype=np.int64),
+                         rng.random((seq, q, g * g), dtype=np.float32) + 0.5,
+                         rng.random((seq, q, g * g), dtype=np.float32) + 0.5) for seq in range(w_max)]
+    else:  # entries 0..w_max-1, each with pair rows against every earlier image (untimed)
+        filler = RollingScorer(g, [dim] * layers, embed_dim, capacity=w_max, **kwargs)
+        entries = []
+        for seq in range(w_max):
+            e = filler.prepare(seq, *images[seq])
+            filler.push(e)
+            entries.append(dataclasses.replace(e, tokens=()))  # the pool keeps z; tokens not needed
+        del filler
     setup_s = time.perf_counter() - t0
 
     # One scorer per W, stepped round-robin so that every W sees the same load on a shared box.
@@ -125,7 +146,7 @@ def run(args: argparse.Namespace) -> None:
         tokens = [np.stack([img[0][layer] for img in pool]) for layer in range(layers)]
         emb = np.stack([img[1] for img in pool])
         t, c = time.perf_counter(), time.process_time()
-        score_tokens(tokens, emb)
+        score_tokens(tokens, emb, device=device)
         row["full_rescore_s"] = round(time.perf_counter() - t, 3)
         row["full_rescore_cpu_s"] = round(time.process_time() - c, 3)
         row["full_over_incremental"] = round(row["full_rescore_s"] / row["incremental_s"], 1)
@@ -134,13 +155,19 @@ def run(args: argparse.Namespace) -> None:
 
     out = {"setting": {"patches": g * g, "channels": dim, "layers": layers, "r_list": [1, 3, 5],
                        "pair_products_per_image_pair": layers * 3, "steps": args.steps, "threads": args.threads,
-                       "machine": platform.processor() or platform.machine()},
+                       "machine": platform.processor() or platform.machine(), "device": device.name,
+                       "precision": device.precision, **device.info},
            "windows": results, "setup_s": round(setup_s, 1), "peak_rss_mib": round(peak_rss_mib(), 1)}
     if "64" in results and "128" in results:
         ratio = results["128"]["incremental_s"] / results["64"]["incremental_s"]
         out["latency_128_over_64"] = round(ratio, 3)
         out["latency_128_over_64_cpu"] = round(results["128"]["incremental_cpu_s"] / results["64"]["incremental_cpu_s"], 3)
         out["floor_128_over_64_le_2.3"] = ratio <= 2.3
+    if len(windows) >= 2:  # linear in W: latency per window image, first vs last W
+        per = [results[str(w)]["incremental_s"] / w for w in (windows[0], windows[-1])]
+        out["latency_per_window_image_ms"] = {str(w): round(1000 * results[str(w)]["incremental_s"] / w, 4)
+                                              for w in windows}
+        out["per_image_cost_ratio_last_over_first"] = round(per[1] / per[0], 3)
     if "full_rescore_s" in results.get("128", {}):
         out["floor_incremental_20x_cheaper_at_128"] = results["128"]["full_over_incremental"] >= 20
     print(json.dumps(out, indent=1))
