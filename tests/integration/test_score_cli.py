@@ -265,3 +265,15 @@ def test_feature_stage_never_holds_all_decoded_images(tmp_path, model):
             tracemalloc.stop()
     assert len(ext.samples) == n and all(t.dtype == np.float16 and len(t) == n for t in pool.tokens)
     assert peak < all_decoded / 3, f"peak {peak / 1e6:.1f} MB vs {all_decoded / 1e6:.1f} MB of decoded images"
+
+
+def test_window_over_the_memory_budget_is_one_line(tmp_path, model, capsys):
+    """score --window W that cannot fit: exit 2 naming the GiB and the largest window that fits."""
+    data = make_category(tmp_path / "cat", n_good=3, defects=("blob",), n_each=1)
+    rc = main(["score", str(data), "--model", str(model), "--out", str(tmp_path / "out"), "--window", "100000",
+               "--mem-budget", "1GiB", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    line = one_error_line(err)
+    assert "--window 100000 needs" in line and "GiB" in line and "the largest --window that fits is" in line
+    assert not (tmp_path / "out" / "scores.csv").exists()
