@@ -1,4 +1,4 @@
-"""Which files in a watched folder are new, complete images (issue 4).
+"""Which files in a watched folder are new, complete images (docs/watch.md, "Which files are scored").
 
 Cameras and copy tools write files in pieces. A file is offered for scoring only when
 
@@ -11,6 +11,10 @@ Cameras and copy tools write files in pieces. A file is offered for scoring only
 Two sources tell the tracker about files: watchdog (inotify on Linux) by default, and polling
 (``--poll``) for network mounts where inotify sees nothing. Both only *nominate* paths; the tracker
 stats them itself, so a missed or duplicated event changes nothing.
+
+The tracker and the poll source read the clocks they are given (:mod:`musc_edge.watch.clock`):
+``clock`` (monotonic) for how long a file has been stable and when the next poll is due,
+``wall_clock`` for arrival stamps and the comparison with file mtimes.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from typing import Iterable, Protocol
 
 from musc_edge.datasets import is_image_name
 
+from .clock import Clock
+
 log = logging.getLogger(__name__)
 
 
@@ -32,8 +38,8 @@ log = logging.getLogger(__name__)
 class _Watch:
     size: int
     mtime_ns: int
-    first_seen: float  # wall-clock time the file was first seen (its arrival time)
-    changed_at: float  # monotonic time of the last size/mtime change
+    first_seen: float  # wall_clock time the file was first seen (its arrival time)
+    changed_at: float  # clock (monotonic) time of the last size/mtime change
 
 
 @dataclass(frozen=True)
@@ -54,8 +60,10 @@ class ArrivalTracker:
     """
 
     def __init__(self, root: Path, *, recursive: bool = False, stable_s: float = 0.5,
-                 exclude: Iterable[Path] = (), since_ns: int | None = None) -> None:
+                 exclude: Iterable[Path] = (), since_ns: int | None = None,
+                 clock: Clock = time.monotonic, wall_clock: Clock = time.time) -> None:
         self.root = Path(root).resolve()
+        self.clock, self.wall_clock = clock, wall_clock
         self.recursive = recursive
         self.stable_s = float(stable_s)
         self.exclude = tuple(Path(p).resolve() for p in exclude)
@@ -92,13 +100,13 @@ class ArrivalTracker:
             return
         # Unchanged for stable_s already (a backlog at start-up): ready at the next check, so a
         # backlog is taken in mtime order rather than in the order the folder listing gave.
-        age = max(0.0, time.time() - st.st_mtime_ns / 1e9)
-        self._watching[path] = _Watch(st.st_size, st.st_mtime_ns, time.time(),
-                                      time.monotonic() - min(age, self.stable_s))
+        wall = self.wall_clock()
+        age = max(0.0, wall - st.st_mtime_ns / 1e9)
+        self._watching[path] = _Watch(st.st_size, st.st_mtime_ns, wall, self.clock() - min(age, self.stable_s))
 
     def ready(self) -> list[Arrival]:
         """Files that have been stable for ``stable_s``, oldest mtime first. They stop being watched."""
-        now = time.monotonic()
+        now = self.clock()
         out = []
         for path, w in list(self._watching.items()):
             try:
@@ -162,13 +170,14 @@ class Source(Protocol):
 class PollSource:
     """Rescan the folder every ``interval_s`` seconds (network mounts: no inotify events)."""
 
-    def __init__(self, interval_s: float = 1.0) -> None:
+    def __init__(self, interval_s: float = 1.0, clock: Clock = time.monotonic) -> None:
         self.interval_s = float(interval_s)
-        self._next = time.monotonic() + self.interval_s  # the caller scans once at start
+        self.clock = clock
+        self._next = clock() + self.interval_s  # the caller scans once at start
         self._scans = 0
 
     def poll(self, tracker: ArrivalTracker) -> None:
-        now = time.monotonic()
+        now = self.clock()
         if now >= self._next:
             tracker.scan()
             self._next = now + self.interval_s
@@ -183,7 +192,7 @@ class PollSource:
 class WatchdogSource:
     """Filesystem events from watchdog (inotify on Linux); its thread only queues paths."""
 
-    def __init__(self, root: Path, recursive: bool, rescan_s: float = 30.0) -> None:
+    def __init__(self, root: Path, recursive: bool, rescan_s: float = 30.0, clock: Clock = time.monotonic) -> None:
         from watchdog.events import FileSystemEventHandler
         from watchdog.observers import Observer
 
@@ -201,7 +210,7 @@ class WatchdogSource:
         self._observer.daemon = True
         self._observer.start()
         self._seen = 0
-        self._rescan = PollSource(rescan_s)
+        self._rescan = PollSource(rescan_s, clock)
 
     def poll(self, tracker: ArrivalTracker) -> None:
         self._rescan.poll(tracker)  # a slow rescan as a safety net (inotify queue overflow)

@@ -1,9 +1,16 @@
-"""The ``musc-edge watch`` loop: files in, one result line per image out, crash-safe (issue 4).
+"""The ``musc-edge watch`` loop: files in, one result line per image out, crash-safe (docs/watch.md).
 
 Glue only: :mod:`musc_edge.watch.arrivals` decides when a file is complete, the runtime turns it into
-features, :class:`musc_edge.core.window.RollingScorer` scores it against the rolling pool, and
+features, :class:`musc_edge.core.window.RollingScorer` scores it against the rolling pool,
 :class:`musc_edge.watch.journal.StateDir` makes every step durable in an order that lets a restart
-finish what a crash interrupted (see the journal module for the protocol).
+finish what a crash interrupted (see the journal module for the protocol), and after each commit
+:class:`musc_edge.watch.sinks.Dispatcher` wakes the sinks, which read results.jsonl in their own
+threads: scoring never waits on an output.
+
+Time is a parameter (STYLE.md): the daemon stamps results with ``wall_clock`` and hands ``clock``
+(monotonic) to everything that waits. :meth:`WatchDaemon.session` opens a run and yields its
+``tick``, so a test can drive the loop step by step on a :class:`musc_edge.watch.clock.FakeClock`;
+:meth:`WatchDaemon.run` is that loop with real waits between idle ticks.
 
 Signals: SIGINT / SIGTERM set a stop flag; the image being added is finished and committed, then
 :meth:`WatchDaemon.run` returns (exit 0). Unprocessed files are not journaled and are picked up on
@@ -16,14 +23,16 @@ import logging
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
 from .arrivals import Arrival, ArrivalTracker, PollSource, Source, WatchdogSource
+from .clock import Clock
 from musc_edge.core.errors import ImageDecodeError, InputError, StateError
 from musc_edge.core.meta import ModelMeta
 from musc_edge.core.params import DEFAULT_PARAMS, MuscParams
@@ -31,6 +40,7 @@ from musc_edge.core.types import Features
 from musc_edge.datasets import reference_images
 
 from .journal import StateDir
+from .sinks import Backoff, Dispatcher, Sink, check_names
 from musc_edge.core.window import Emission, Entry, RollingScorer, check_stream_settings
 
 log = logging.getLogger(__name__)
@@ -70,6 +80,9 @@ class WatchConfig:
     params: MuscParams = DEFAULT_PARAMS
     mem_budget_bytes: int | None = None  #: the pool's memory budget (None: a share of what is available)
     tick_s: float = 0.05
+    sink_retry_s: float = 1.0  #: first delay before a failed sink is tried again; doubles per failure
+    sink_retry_max_s: float = 60.0  #: the longest delay between tries of a failed sink
+    sink_drain_s: float = 5.0  #: how long a stop waits for the sinks to deliver what is committed
 
 
 @dataclass
@@ -92,13 +105,23 @@ def iso_time(t: float) -> str:
 
 
 class WatchDaemon:
-    """One watch run over a folder. ``run()`` returns when ``stop`` is set (or on a signal)."""
+    """One watch run over a folder. ``run()`` returns when ``stop`` is set (or on a signal).
 
-    def __init__(self, config: WatchConfig, model: Extractor, stop: threading.Event | None = None) -> None:
+    ``sinks`` receive every result after results.jsonl holds it (:mod:`musc_edge.watch.sinks`);
+    ``clock`` (monotonic) drives every wait, ``wall_clock`` every timestamp.
+    """
+
+    def __init__(self, config: WatchConfig, model: Extractor, stop: threading.Event | None = None, *,
+                 sinks: Sequence[Sink] = (), clock: Clock = time.monotonic,
+                 wall_clock: Clock = time.time) -> None:
         self.config = config
         self.model = model
         self.meta = model.meta
         self.stop = stop or threading.Event()
+        self.sinks = tuple(sinks)
+        check_names(self.sinks)  # before anything is opened: a bad list is a user error (exit 2)
+        self.clock, self.wall_clock = clock, wall_clock
+        self._dispatcher: Dispatcher | None = None
         self.summary = WatchSummary()
         folder = Path(config.folder)
         if not folder.is_dir():
@@ -129,7 +152,7 @@ class WatchDaemon:
         if saved is None:
             self.scorer = self._new_scorer(len(refs))
             self.next_seq = 0
-            self.since_ns = time.time_ns() if self.config.new_only else None
+            self.since_ns = int(self.wall_clock() * 1e9) if self.config.new_only else None
             self._add_references(state, refs)
             self._commit(state)
             return
@@ -189,6 +212,8 @@ class WatchDaemon:
                        "mtime_ns": info["mtime_ns"]})
         self.next_seq = entry.seq + 1
         self._commit(state)
+        if self._dispatcher is not None:  # after the commit: the sinks read what is durable
+            self._dispatcher.notify()
         if leaving is not None:
             state.delete_entry(leaving)
         if tracker is not None:
@@ -196,7 +221,7 @@ class WatchDaemon:
 
     def _line(self, e: Emission, state: StateDir) -> dict:
         line = {"seq": e.seq, "path": e.info["path"], "arrival_time": e.info["arrival_time"],
-                "scoring_time": iso_time(time.time()), "image_score": round(e.image_score, 7),
+                "scoring_time": iso_time(self.wall_clock()), "image_score": round(e.image_score, 7),
                 "raw_score": round(e.raw_score, 7), "pool_size": e.pool_size}
         if self.config.threshold is not None:
             # On the raw score: RsCIN min-max normalises within each window (MUSC_SPEC 5), so the
@@ -255,6 +280,19 @@ class WatchDaemon:
 
     # ------------------------------------------------------------------------------------ run
     def run(self) -> WatchSummary:
+        """Tick until ``stop`` is set; between idle ticks wait ``tick_s`` (real time)."""
+        with self.session() as tick:
+            while not self.stop.is_set():
+                if not tick():
+                    self.stop.wait(self.config.tick_s)
+        return self.summary
+
+    @contextmanager
+    def session(self) -> Iterator[Callable[[], bool]]:
+        """Open the state (replaying an interrupted image), start the source and the sinks, and
+        yield ``tick``: one pass of the loop, True when it handled files. All is closed on exit,
+        also when a test simulates a crash by raising a BaseException from a durable step.
+        """
         c = self.config
         state = StateDir(c.out_dir)
         restore_signals = self._install_signals()
@@ -265,29 +303,46 @@ class WatchDaemon:
                 self._apply(state, state.load_entry(self.next_seq), None)
                 self.summary.replayed += 1
             state.drop_entries_except(set(self.scorer.pool.seqs))
+            self._start_sinks(state)
             tracker = ArrivalTracker(c.folder, recursive=c.recursive, stable_s=c.stable_s,
-                                     exclude=[c.out_dir], since_ns=self.since_ns)
+                                     exclude=[c.out_dir], since_ns=self.since_ns,
+                                     clock=self.clock, wall_clock=self.wall_clock)
             self._load_journal(state, tracker)
-            source = PollSource(c.poll_interval_s) if c.poll else WatchdogSource(tracker.root, c.recursive)
+            source = (PollSource(c.poll_interval_s, self.clock) if c.poll
+                      else WatchdogSource(tracker.root, c.recursive, clock=self.clock))
             tracker.scan()
             log.info("watching %s (%s); results in %s", tracker.root, "poll" if c.poll else "inotify",
                      state.results_path)
-            while not self.stop.is_set():
-                source.poll(tracker)
-                ready = tracker.ready()
-                if not ready:
-                    self.stop.wait(c.tick_s)
-                    continue
-                for start in range(0, len(ready), c.batch):
-                    if self.stop.is_set():
-                        break
-                    self._process(state, tracker, ready[start:start + c.batch])
+            yield lambda: self._tick(state, source, tracker)
         finally:
             if source is not None:
                 source.close()
+            if self._dispatcher is not None:
+                self._dispatcher.close()
+                self._dispatcher = None
             restore_signals()
             state.close()
-        return self.summary
+
+    def _tick(self, state: StateDir, source: Source, tracker: ArrivalTracker) -> bool:
+        """Poll the source, then score what is ready, a batch at a time (stopping between images)."""
+        source.poll(tracker)
+        ready = tracker.ready()
+        for start in range(0, len(ready), self.config.batch):
+            if self.stop.is_set():
+                break
+            self._process(state, tracker, ready[start:start + self.config.batch])
+        return bool(ready)
+
+    def _start_sinks(self, state: StateDir) -> None:
+        """One thread per sink, catching up from results.jsonl by its saved seq."""
+        if not self.sinks:
+            return
+        c = self.config
+        self._dispatcher = Dispatcher(self.sinks, state.results_path, state.dir, clock=self.clock,
+                                      backoff=Backoff(c.sink_retry_s, c.sink_retry_max_s),
+                                      drain_s=c.sink_drain_s)
+        self._dispatcher.start()
+        log.info("sinks: %s", ", ".join(s.name for s in self.sinks))
 
     def _load_journal(self, state: StateDir, tracker: ArrivalTracker) -> None:
         """Fill the tracker's memory of handled files; compact the journal to files that exist."""

@@ -1,4 +1,4 @@
-"""Durable state of the watch daemon: results.jsonl and OUTDIR/state/ (issue 4).
+"""Durable state of the watch daemon: results.jsonl and OUTDIR/state/ (docs/watch.md, "State and crash safety").
 
 The promise is that after a crash (kill -9, power loss) and a restart every image appears in
 ``results.jsonl`` exactly once. It rests on four files, each written so that a crash leaves either
@@ -10,6 +10,9 @@ the old or the new version, never half of one:
   ``fsync=True``): it is the redo log of the image being added.
 - ``results.jsonl``: one line per reported image carrying its ``seq``. Reports come in seq order,
   so the highest seq in the file says what has been reported; a line cut by a crash is dropped.
+  It is the durable record every output is fed from: the sinks of :mod:`musc_edge.watch.sinks`
+  read it by seq after the commit (STYLE.md, "Outputs as sinks over a durable log"), so adding an
+  output never touches this protocol, and a failing output cannot change this file.
 - ``state/journal.jsonl``: append-only; one record per processed file (``seq``, path, size, mtime)
   and one per skipped file, so neither is looked at again.
 - ``state/state.json``: the commit point, rewritten atomically after each image: the model's
@@ -170,7 +173,10 @@ class StateDir:
 
     # results and journal
     def report(self, lines: list[dict]) -> int:
-        """Append result lines whose seq is above the last reported one; returns how many."""
+        """Append result lines whose seq is above the last reported one; returns how many.
+
+        The only writer of results.jsonl, the durable record: the sinks read it, never write it.
+        """
         fresh = [line for line in lines if int(line["seq"]) > self.last_reported]
         append_durably(self.results_path, (json.dumps(line) for line in fresh))
         if fresh:

@@ -62,10 +62,14 @@ def wait_for(condition, timeout: float = 30.0, what: str = "condition") -> None:
 
 
 class ThreadedDaemon:
-    """Run a WatchDaemon in a thread; ``stop()`` sets its stop flag and re-raises its error."""
+    """Run a WatchDaemon in a thread, in real time; ``stop()`` sets its stop flag and re-raises its error.
 
-    def __init__(self, config: WatchConfig, model) -> None:
-        self.daemon = WatchDaemon(replace(config, tick_s=0.01), model)
+    For the end-to-end tests (inotify, threads, real waits); behaviour tests step a daemon on a fake
+    clock instead (tests/unit/watch/watch_fakes.py).
+    """
+
+    def __init__(self, config: WatchConfig, model, sinks=()) -> None:
+        self.daemon = WatchDaemon(replace(config, tick_s=0.01), model, sinks=sinks)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
