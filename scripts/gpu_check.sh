@@ -14,7 +14,8 @@
 # Inputs, each optional: MUSC_EDGE_WHEELS (a folder of wheels for what the Python lacks, e.g.
 # array-api-compat, installed with --no-index into a temporary folder), MUSC_EDGE_SHARED (the
 # fixtures and MTD data, default ../shared), MUSC_EDGE_GPU_MODEL (an exported EfficientNet-Lite0
-# .onnx for step 4). A step that fails or is skipped is recorded as such; the script goes on.
+# .onnx for step 4), GPU_CHECK_STEPS (a comma list of tests,msm,stream,precision; default all).
+# A step that fails or is skipped is recorded as such; the script goes on.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -28,6 +29,9 @@ MODEL=${MUSC_EDGE_GPU_MODEL:-$ROOT/.gpu/models/efficientnet_lite0.onnx}
 SITE=$(mktemp -d)
 trap 'rm -rf "$SITE"' EXIT
 START=$(date +%s)
+
+STEPS=",${GPU_CHECK_STEPS:-tests,msm,stream,precision},"
+wanted() { [[ $STEPS == *",$1,"* ]]; }
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUTDIR/NAME.log, record rc and time
     local name=$1 limit=$2; shift 2
@@ -91,23 +95,24 @@ PYEOF
 cat "$OUTDIR/environment.json" 2>/dev/null || cat "$OUTDIR/environment.err"
 
 # --- 1. the GPU tests -------------------------------------------------------------------------
-step gpu_tests 240 $PY -m pytest -q -p no:cacheprovider -m gpu tests/gpu -rs --junitxml="$OUTDIR/gpu_tests.xml"
+wanted tests && step gpu_tests 240 $PY -m pytest -q -p no:cacheprovider -m gpu tests/gpu -rs --junitxml="$OUTDIR/gpu_tests.xml"
 
 # --- 2. MSM against the authors' code ---------------------------------------------------------
-step msm_vitb16 150 $PY benchmarks/bench_msm.py --device cuda --config vitb16 --n 100 --precision exact,fast \
+wanted msm && step msm_vitb16 150 $PY benchmarks/bench_msm.py --device cuda --config vitb16 --n 100 --precision exact,fast \
     --baseline authors
-step msm_paper 330 $PY benchmarks/bench_msm.py --device cuda --config paper --n 200 --precision exact,fast \
+wanted msm && step msm_paper 330 $PY benchmarks/bench_msm.py --device cuda --config paper --n 200 --precision exact,fast \
     --baseline authors
 
 # --- 3. streaming on the device ---------------------------------------------------------------
-step stream_vitb16 120 $PY benchmarks/bench_stream.py --device cuda --windows 64,128,256 --steps 5 --full-max-w 128
-step stream_paper 150 $PY benchmarks/bench_stream.py --device cuda --windows 64,128,256 --grid 37 --dim 1024 \
+wanted stream && step stream_vitb16 120 $PY benchmarks/bench_stream.py --device cuda --windows 64,128,256 --steps 5 --full-max-w 128
+wanted stream && step stream_paper 150 $PY benchmarks/bench_stream.py --device cuda --windows 64,128,256 --grid 37 --dim 1024 \
     --steps 3 --full-max-w 0
-step stream_paper_fast 120 $PY benchmarks/bench_stream.py --device cuda --precision fast --windows 64,128,256 \
+wanted stream && step stream_paper_fast 120 $PY benchmarks/bench_stream.py --device cuda --precision fast --windows 64,128,256 \
     --grid 37 --dim 1024 --steps 3 --full-max-w 0
 
 # --- 4. fast against exact on MTD -------------------------------------------------------------
-if [ -f "$MODEL" ]; then
+if ! wanted precision; then :
+elif [ -f "$MODEL" ]; then
     step precision_mtd 240 $PY benchmarks/bench_precision.py --model "$MODEL" \
         --data "$MUSC_EDGE_SHARED/data/mtd/magnetic_tile" --devices cuda
 else
