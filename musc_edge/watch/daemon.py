@@ -34,6 +34,8 @@ import numpy as np
 from .arrivals import Arrival, ArrivalTracker, PollSource, Source, WatchdogSource
 from .clock import Clock
 from musc_edge.core.errors import ImageDecodeError, InputError, StateError
+from musc_edge.core.device import resolve_device
+from musc_edge.core.memory import DEFAULT_SHARE, check_fits, pool_footprint
 from musc_edge.core.meta import ModelMeta
 from musc_edge.core.params import DEFAULT_PARAMS, MuscParams
 from musc_edge.core.types import Features
@@ -79,6 +81,8 @@ class WatchConfig:
     batch: int = 8
     params: MuscParams = DEFAULT_PARAMS
     mem_budget_bytes: int | None = None  #: the pool's memory budget (None: a share of what is available)
+    score_device: str = "cpu"  #: where the pool lives and scores: cpu, cuda (CuPy) or auto
+    precision: str = "exact"  #: exact, or fast (GPU only)
     tick_s: float = 0.05
     sink_retry_s: float = 1.0  #: first delay before a failed sink is tried again; doubles per failure
     sink_retry_max_s: float = 60.0  #: the longest delay between tries of a failed sink
@@ -131,6 +135,13 @@ class WatchDaemon:
         pool_max = config.window + len(self.references)
         self.min_pool = config.min_pool if config.min_pool is not None else min(DEFAULT_MIN_POOL, pool_max)
         check_stream_settings(config.window, config.delay, self.min_pool, len(self.references))
+        self.device = resolve_device(config.score_device, config.precision)
+        # the pool's memory is known from the settings: refuse before any image is read
+        check_fits(pool_footprint(pool_max, self.meta.grid ** 2, self.meta.token_dims, len(config.params.r_list),
+                                  self.meta.embed_dim),
+                   config.mem_budget_bytes if config.mem_budget_bytes is not None or not self.device.is_gpu
+                   else int(self.device.free_bytes() * DEFAULT_SHARE),
+                   what=f"--window {config.window}", reserved_slots=len(self.references))
         self.settings = self._settings([str(p.resolve()) for p in self.references])
 
     # ------------------------------------------------------------------------------------ setup
@@ -143,7 +154,7 @@ class WatchDaemon:
         c, m = self.config, self.meta
         return RollingScorer(m.grid, m.token_dims, m.embed_dim, capacity=c.window, delay=c.delay,
                              min_pool=self.min_pool, n_references=n_references, params=c.params,
-                             mem_budget_bytes=c.mem_budget_bytes)
+                             mem_budget_bytes=c.mem_budget_bytes, device=self.device)
 
     def _open(self, state: StateDir) -> None:
         """Load saved state (checking it fits this model and these settings) or start afresh."""

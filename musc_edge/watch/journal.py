@@ -151,6 +151,8 @@ class StateDir:
         return self.entries_dir / f"{seq:012d}.npz"
 
     def save_entry(self, entry: Entry) -> None:
+        """Write an entry durably; rows computed on a GPU are copied to the host first."""
+        entry = entry.to_host()
         atomic_write_bytes(self.entry_path(entry.seq), entry_to_bytes(entry), fsync=True)
 
     def load_entry(self, seq: int) -> Entry:

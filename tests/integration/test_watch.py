@@ -138,3 +138,19 @@ def test_reference_folder_inside_the_watched_folder_is_refused(tmp_path, model, 
     cv2.imwrite(str(watched / "good.png"), part_image(1))
     assert main(base + ["--reference", str(watched)]) == 2
     assert "inside the watched folder" in capsys.readouterr().err
+
+
+def test_window_over_the_memory_budget_is_refused_before_reading(tmp_path, capsys):
+    """watch --window W that cannot fit exits 2 with one line naming the GiB and the largest W."""
+    from musc_edge.cli import main
+    from musc_edge.runtime.testing import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "tiny.onnx")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rc = main(["watch", str(folder), "--model", str(model), "--out", str(tmp_path / "out"), "--window", "100000",
+               "--mem-budget", "512MiB"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("error: --window 100000 needs") and "the largest --window that fits is" in err[0]
+    assert not (tmp_path / "out" / "results.jsonl").exists()

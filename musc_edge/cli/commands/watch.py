@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from musc_edge.cli.options import (device_option, heatmaps_option, k_option, mem_budget_option, model_option, out_option,
-                                   r_option)
+                                   precision_option, r_option, score_device_option)
 
 
 @click.command(name="watch")
@@ -41,10 +41,12 @@ from musc_edge.cli.options import (device_option, heatmaps_option, k_option, mem
 @r_option
 @k_option
 @device_option
+@score_device_option
+@precision_option
 def watch(folder: Path, model_path: Path, out_dir: Path, window: int, delay: int, min_pool: int | None,
           reference: Path | None, threshold: float | None, heatmaps: bool, poll: bool, poll_interval: float,
           new_only: bool, recursive: bool, stable_s: float, batch: int, r_list: tuple[int, ...],
-          k_list: tuple[int, ...], device: str, mem_budget: int | None) -> None:
+          k_list: tuple[int, ...], device: str, mem_budget: int | None, score_device: str, precision: str) -> None:
     """Watch FOLDER and score each new image as it lands.
 
     One JSON line per image is appended to OUT/results.jsonl (flushed and fsynced); the pool and a
@@ -59,7 +61,7 @@ def watch(folder: Path, model_path: Path, out_dir: Path, window: int, delay: int
                          reference=reference, threshold=threshold, heatmaps=heatmaps, poll=poll,
                          poll_interval_s=poll_interval, new_only=new_only, recursive=recursive,
                          stable_s=stable_s, batch=batch, params=MuscParams.of(r_list, None, k_list),
-                         mem_budget_bytes=mem_budget)
+                         mem_budget_bytes=mem_budget, score_device=score_device, precision=precision)
     with load_model(model_path, device) as model:
         summary = WatchDaemon(config, model).run()
     click.echo(f"stopped: {summary.scored} images scored, {summary.reported} reported, "
