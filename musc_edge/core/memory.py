@@ -6,7 +6,8 @@ every image's LNAMD features (W, L, C_q) and the pair distance table (W, Q, L, W
     bytes = 4 * (W * L * sum_q C_q  +  W^2 * Q * L  +  W * D)
 
 The table grows with W^2: ViT-B/16 at 224 (L = 196, C = 768, 4 layers, r = 1, 3, 5: Q = 12)
-takes 0.44 GiB at W = 256 and 147 GiB at W = 4096. So a pool is refused, with the GiB it needs and
+takes 2.3 GiB at W = 256 (0.57 GiB of it the table) and 175 GiB at W = 4096 (147 GiB the table).
+So a pool is refused, with the GiB it needs and
 the largest W that fits, when it exceeds the budget: by default :data:`DEFAULT_SHARE` of the
 memory available to this process (``MemAvailable`` of ``/proc/meminfo``, capped by a cgroup
 limit), or ``--mem-budget``.
