@@ -7,7 +7,7 @@ It runs LNAMD then MSM for one (layer, r) at a time and adds the result into one
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -73,6 +73,7 @@ def score_tokens(
     mem_budget_bytes: int = 1 << 30,
     device: str | ScoreDevice | None = "cpu",
     precision: str = "exact",
+    progress: Callable[[int, int], None] | None = None,
 ) -> Scores:
     """Score a pool of images from their tapped-layer tokens (MUSC_SPEC 2-5).
 
@@ -86,6 +87,9 @@ def score_tokens(
         MSM, the map mean and RsCIN run there and only the maps and scores come back), ``auto``,
         or a :class:`~musc_edge.core.device.ScoreDevice`. precision: ``exact`` or ``fast``
         (:mod:`musc_edge.core.device`).
+    progress: called as ``progress(done, total)`` with ``done`` of ``total`` (layer, r) MSM calls
+        finished, first with ``done = 0``; each call is one O(N^2) pass, the natural unit of the
+        work. The caller draws the bar, so the core needs no progress library.
     Returns :class:`musc_edge.core.types.Scores` (numpy float64 arrays).
     """
     dev = resolve_device(device, precision)
@@ -101,6 +105,9 @@ def score_tokens(
     xp = dev.xp
     total = xp.zeros((n, g * g), dtype=xp.float64)
     count = 0
+    n_calls = len(layer_tokens) * len(params.r_list)
+    if progress is not None:
+        progress(0, n_calls)
     for tokens in layer_tokens:
         t = dev.asarray(tokens)  # one upload per layer on a GPU; the host array itself on the CPU
         for r in params.r_list:
@@ -108,6 +115,8 @@ def score_tokens(
             total += msm(z, params.interval, mem_budget_bytes=mem_budget_bytes, precision=dev.precision)
             count += 1
             del z
+            if progress is not None:
+                progress(count, n_calls)
         del t
     maps = xp.reshape(total / count, (n, g, g))
     raw = xp.max(xp.reshape(maps, (n, g * g)), axis=1)

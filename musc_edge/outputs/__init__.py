@@ -1,6 +1,7 @@
-"""Outputs of the apps: CSV/JSON/PNG writers and heatmap overlays (OpenCV)."""
+"""Outputs of the apps: CSV/JSON/PNG writers and heatmaps (OpenCV)."""
 
-from .heatmap import heatmap_overlay
+from .heatmap import RUN_SCALE, colour_range, heatmap_overlay, heatmap_panel, verdict
 from .writers import output_names, write_csv, write_json, write_png
 
-__all__ = ["heatmap_overlay", "output_names", "write_csv", "write_json", "write_png"]
+__all__ = ["RUN_SCALE", "colour_range", "heatmap_overlay", "heatmap_panel", "output_names", "verdict", "write_csv",
+           "write_json", "write_png"]

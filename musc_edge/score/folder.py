@@ -8,11 +8,20 @@
    (:mod:`musc_edge.core.pools`), which owns the memory of the scoring: batch MuSc over all images
    (:class:`~musc_edge.core.pools.BatchPool`) or a centred rolling window (``--window W``,
    :class:`~musc_edge.core.pools.StreamPool`).
-2. **outputs**: ``scores.csv``, heatmap overlays at the original image size (``--heatmaps``;
-   MUSC_SPEC 4: bilinear upsampling of the G x G map), ``metrics.json`` when ground truth exists.
+2. **outputs**: ``scores.csv``, heatmaps (``--heatmaps``; MUSC_SPEC 4: bilinear upsampling of
+   the G x G map): an overlay at the original image size in ``maps/`` and a panel a person reads
+   in ``panels/`` (:mod:`musc_edge.outputs.heatmap`), ``metrics.json`` when ground truth exists.
+   An output that cannot be written (a name too long for the file system, a full disk) is a
+   warning in ``run.json``, never the end of the run: the remaining outputs are still written.
 3. **metrics**: image AUROC/AP/F1-max and pixel AUROC/AP/F1-max/AUPRO (MUSC_SPEC 6) at the
    original image size; maps are upsampled one image at a time from the G x G maps, never all
    held at full size besides the pooled pixel scores the metrics need.
+
+Batch MuSc multiplies every image pair (MUSC_SPEC 3): its time grows as N^2. Before the features
+are computed, :func:`estimate_score_seconds` puts a rough figure on it and a batch run that would
+take longer than :data:`SLOW_SCORE_WARN_S` warns in one line (and in ``run.json``), suggesting
+``--window``. Progress of the scoring is drawn here, from callbacks of the pool scorer (the core
+draws nothing): per (layer, r) MSM call in batch mode, per scored image with ``--window``.
 """
 
 from __future__ import annotations
@@ -20,7 +29,9 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +46,30 @@ from musc_edge.core.pools import BatchPool, PoolScorer, ScoreStep, StreamPool, b
 from musc_edge.core.types import Scores
 from musc_edge.datasets import Dataset, Sample, discover, grouped_by_type, order_samples, reference_images
 from musc_edge.datasets.evaluation import evaluate, full_size_map
-from musc_edge.outputs import heatmap_overlay, output_names, write_csv, write_json, write_png
+from musc_edge.outputs import (RUN_SCALE, colour_range, heatmap_overlay, heatmap_panel, output_names, verdict,
+                               write_csv, write_json, write_png)
 
 log = logging.getLogger(__name__)
+
+#: Rough sustained rate (FLOP/s) of MuSc's pair products per scoring device, for the batch-time
+#: estimate. cpu: measured on this project's workstation (2 shared cores of an AMD EPYC, AVX2):
+#: the 40-image sample with EfficientNet-Lite0 (grid 28, C = 40 + 112, r = 1,3,5) scores in
+#: 12.7 s, 34 GFLOP/s of pair products (README "Benchmarks" has 158 GFLOP/s for ViT-B/16's
+#: C = 768, which BLAS runs nearer its peak). cuda: an assumption, not measured here.
+SCORE_RATE_FLOPS: dict[str, float] = {"cpu": 3.0e10, "cuda": 2.0e12}
+
+#: A batch ``score`` estimated to take longer than this warns and suggests ``--window``.
+SLOW_SCORE_WARN_S = 600.0
+
+#: The window the warning suggests: O(N * 64) pair products instead of O(N^2).
+SUGGESTED_WINDOW = 64
+
+#: Extra memory MSM may take in batch mode (score_tokens' default ``mem_budget_bytes``); a
+#: distance table over it is scored in owner blocks that multiply most pairs twice (core/msm.py).
+_MSM_BUDGET_BYTES = 1 << 30
+
+#: Failed heatmap writes listed one by one in ``run.json``; the rest are counted in one line.
+_MAX_HEATMAP_WARNINGS = 20
 
 
 @dataclass(frozen=True)
@@ -61,6 +93,8 @@ class ScoreSettings:
     mem_budget_bytes: int | None = None  #: the window's memory budget (None: a share of what is available)
     score_device: str = "cpu"  #: where MuSc scores: cpu, cuda (CuPy) or auto (--device is the backbone's)
     precision: str = "exact"  #: exact, or fast (FP16 products choose the nearest patch; GPU only)
+    threshold: float | None = None  #: on the raw score: verdict column, heatmap verdict and contour
+    heatmap_scale: str | tuple[float, float] = RUN_SCALE  #: "run" (the run's map range) or a fixed (lo, hi)
 
 
 @dataclass
@@ -135,12 +169,17 @@ def score_folder(data_dir: str | Path, model_path: str | Path, out_dir: str | Pa
     extractor = load_model(model_path, settings.device) if own else extractor
     timings["load_model_s"] = time.perf_counter() - t
     try:
-        pool = make_pool_scorer(settings, extractor.meta, len(dataset.samples), score_step, len(references))
+        estimate_s = _warn_if_slow(settings, extractor.meta, len(dataset.samples), warnings)
+        tally = _Tally()
+        score_bar = _ProgressBar(settings.progress, desc="score", unit="MSM")
+        progress = score_bar if settings.window is None else tally
+        pool = make_pool_scorer(settings, extractor.meta, len(dataset.samples), score_step, len(references),
+                                progress=progress)
         if references:
             t = time.perf_counter()
             _add_references(pool, references, extractor, settings)
             timings["references_s"] = time.perf_counter() - t
-        ext = _extract(dataset, extractor, settings, pool)
+        ext = _extract(dataset, extractor, settings, pool, scored=tally if settings.window is not None else None)
     finally:
         if own:
             extractor.close()
@@ -150,17 +189,23 @@ def score_folder(data_dir: str | Path, model_path: str | Path, out_dir: str | Pa
                          f"({len(ext.skipped)} skipped); MuSc scores images against each other and needs >= 2")
 
     t = time.perf_counter()
-    scores = pool.finish()
+    try:
+        scores = pool.finish()
+    finally:
+        score_bar.close()
     timings["score_s"] = ext.score_s + time.perf_counter() - t
 
     out_dir.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
     t = time.perf_counter()
-    files["scores"] = str(_write_scores(out_dir, ext.samples, scores))
+    files["scores"] = str(_write_scores(out_dir, ext.samples, scores, settings.threshold))
     timings["write_scores_s"] = time.perf_counter() - t
+    heatmap_range = None
     if settings.heatmaps:
         t = time.perf_counter()
-        files["maps"] = str(_write_heatmaps(out_dir, ext.samples, ext.sizes, scores.patch_maps, warnings))
+        heatmap_range = colour_range(scores.patch_maps, settings.heatmap_scale)
+        files["maps"], files["panels"] = (str(p) for p in _write_heatmaps(
+            out_dir, ext.samples, ext.sizes, scores, settings, heatmap_range, warnings))
         timings["heatmaps_s"] = time.perf_counter() - t
     metrics = None
     t = time.perf_counter()
@@ -184,12 +229,15 @@ def score_folder(data_dir: str | Path, model_path: str | Path, out_dir: str | Pa
                      "interval": list(settings.params.interval), "layout": settings.layout,
                      "gt": str(settings.gt), "heatmaps": settings.heatmaps, "device": settings.device,
                      "workers": settings.workers, "scorer": pool.name, "window": settings.window,
-                     "score_device": getattr(pool, "device_name", settings.score_device), "precision": settings.precision,
-                     "order": settings.order,
-                     "reference": None if settings.reference is None else str(settings.reference)},
+                     "score_device": getattr(pool, "device_name", settings.score_device),
+                     "precision": settings.precision, "order": settings.order,
+                     "reference": None if settings.reference is None else str(settings.reference),
+                     "threshold": settings.threshold, "heatmap_scale": settings.heatmap_scale,
+                     **({"heatmap_range": list(heatmap_range)} if heatmap_range is not None else {})},
         "counts": {"found": len(dataset.samples), "scored": len(ext.samples), "skipped": len(ext.skipped),
                    **({"references": len(references)} if references else {})},
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
+        "score_estimate_s": None if estimate_s is None else round(estimate_s, 1),
         "images_per_s_features": round(len(ext.samples) / ext.wall_s, 2) if ext.wall_s > 0 else None,
         "skipped": [{"path": p, "reason": r} for p, r in ext.skipped],
         "warnings": warnings,
@@ -202,13 +250,110 @@ def score_folder(data_dir: str | Path, model_path: str | Path, out_dir: str | Pa
 
 
 def make_pool_scorer(settings: ScoreSettings, meta: ModelMeta, n_images: int,
-                     score_step: ScoreStep = batch_score_step, n_references: int = 0) -> PoolScorer:
-    """The pool scorer ``settings`` ask for: :class:`StreamPool` with a window, else :class:`BatchPool`."""
+                     score_step: ScoreStep = batch_score_step, n_references: int = 0,
+                     progress: Callable[[int, int], None] | None = None) -> PoolScorer:
+    """The pool scorer ``settings`` ask for: :class:`StreamPool` with a window, else :class:`BatchPool`.
+
+    ``progress(done, total)`` is the scorer's: (layer, r) MSM calls in batch mode, (images scored,
+    images added) with a window.
+    """
     device = resolve_device(settings.score_device, settings.precision)
     if settings.window is None:
-        return BatchPool(meta, n_images, settings.params, score_step, device)
+        return BatchPool(meta, n_images, settings.params, score_step, device, progress=progress)
     return StreamPool(meta, settings.window, settings.params, mem_budget_bytes=settings.mem_budget_bytes,
-                      n_references=n_references, device=device)
+                      n_references=n_references, device=device, progress=progress)
+
+
+def estimate_score_seconds(n_images: int, meta: ModelMeta, params: MuscParams, device_name: str = "cpu",
+                           window: int | None = None) -> float:
+    """Rough seconds MuSc's pair products take on ``device_name`` (:data:`SCORE_RATE_FLOPS`).
+
+    One image pair costs L^2 * C * 2 FLOPs per (layer, r), L = G * G patches (MUSC_SPEC 3: one
+    product gives both directions); batch MuSc multiplies N(N-1)/2 pairs, twice over when its
+    distance table (N x L x N float32) exceeds MSM's memory budget. A window of W multiplies each
+    image with the W in the pool when it joins: N * W pairs (core/window.py).
+    """
+    patches = meta.grid * meta.grid
+    flop_per_pair = 2.0 * patches * patches * sum(meta.token_dims) * len(params.r_list)
+    pairs = n_images * (n_images - 1) / 2
+    if window is not None and n_images > window:  # up to one window it is one batch pool
+        pairs = float(n_images * window)
+    elif 4.0 * n_images * n_images * patches > _MSM_BUDGET_BYTES:
+        pairs *= 2
+    rate = SCORE_RATE_FLOPS.get(device_name, SCORE_RATE_FLOPS["cpu"])
+    return pairs * flop_per_pair / rate
+
+
+def _warn_if_slow(settings: ScoreSettings, meta: ModelMeta, n_images: int, warnings: list[str]) -> float | None:
+    """Batch mode: warn (one line, and in ``warnings``) when the estimate passes the limit; return it."""
+    if settings.window is not None:
+        return None
+    device = "cuda" if settings.score_device == "cuda" else "cpu"  # auto: the CPU's slower figure
+    estimate = estimate_score_seconds(n_images, meta, settings.params, device)
+    if estimate > SLOW_SCORE_WARN_S:
+        windowed = estimate_score_seconds(n_images, meta, settings.params, device, window=SUGGESTED_WINDOW)
+        advice = (f"--window {SUGGESTED_WINDOW} scores each image against its {SUGGESTED_WINDOW} neighbours instead "
+                  f"(O(N*W), roughly {_duration(windowed)})" if windowed < estimate else
+                  "a smaller --r list or fewer images shorten it")
+        warnings.append(f"batch scoring of {n_images} images multiplies every pair of them (O(N^2)): roughly "
+                        f"{_duration(estimate)} of MuSc on {device}; {advice}")
+        log.warning("%s", warnings[-1])
+    return estimate
+
+
+def _duration(seconds: float) -> str:
+    """``45 s``, ``12 min``, ``3.5 h``: the precision a rough estimate deserves."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class _ProgressBar:
+    """A tqdm bar driven by the core's ``progress(done, total)`` callbacks (the core has no tqdm).
+
+    Made on the first call, so it starts after the feature bar has closed instead of under it.
+    """
+
+    def __init__(self, enabled: bool, desc: str, unit: str) -> None:
+        self.enabled, self.desc, self.unit = enabled, desc, unit
+        self._bar: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=self.desc, unit=self.unit, file=sys.stderr, dynamic_ncols=True)
+        self._bar.total = total
+        self._bar.update(done - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+@dataclass
+class _Tally:
+    """The last ``progress(done, total)`` of a streaming pool: images scored of images added.
+
+    With ``bar`` (the feature bar) set, the count is shown beside it as images are scored, at
+    most twice a second, so a batch of slow window updates is not a silent stretch.
+    """
+
+    done: int = 0
+    total: int = 0
+    bar: Any = None
+    _shown_at: float = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        self.done, self.total = done, total
+        if self.bar is not None and time.monotonic() - self._shown_at >= 0.5:
+            self.bar.set_postfix_str(f"scored {done}")
+            self._shown_at = time.monotonic()
 
 
 def _add_references(pool: PoolScorer, paths: list[Path], extractor: Any, settings: ScoreSettings) -> None:
@@ -225,8 +370,12 @@ def _add_references(pool: PoolScorer, paths: list[Path], extractor: Any, setting
             pool.add_references(batch.features.tokens, batch.features.embedding)
 
 
-def _extract(dataset: Dataset, extractor: Any, settings: ScoreSettings, pool: PoolScorer) -> _Extraction:
-    """Run the backbone over the data set, handing each batch of readable images to ``pool``."""
+def _extract(dataset: Dataset, extractor: Any, settings: ScoreSettings, pool: PoolScorer,
+             scored: _Tally | None = None) -> _Extraction:
+    """Run the backbone over the data set, handing each batch of readable images to ``pool``.
+
+    ``scored`` (streaming): the pool's count of images scored, shown beside the images read.
+    """
     from tqdm import tqdm
 
     from musc_edge.runtime.pipeline import iter_features
@@ -240,6 +389,8 @@ def _extract(dataset: Dataset, extractor: Any, settings: ScoreSettings, pool: Po
     t0 = time.perf_counter()
     bar = tqdm(total=n, unit="img", desc="features" if isinstance(pool, BatchPool) else "features+score",
                file=sys.stderr, disable=not settings.progress, dynamic_ncols=True)
+    if scored is not None:
+        scored.bar = bar
     try:
         for batch in iter_features([s.path for s in dataset.samples], extractor, settings.batch_size,
                                    workers=settings.workers):
@@ -252,19 +403,27 @@ def _extract(dataset: Dataset, extractor: Any, settings: ScoreSettings, pool: Po
                 score_s += time.perf_counter() - t
                 samples += [by_path[p] for p in batch.paths]
                 sizes += list(batch.sizes)
+            if scored is not None:
+                bar.set_postfix_str(f"scored {scored.done}", refresh=False)
             bar.update(len(batch.paths) + len(batch.skipped))
     finally:
+        if scored is not None:
+            scored.bar = None
         bar.close()
     return _Extraction(samples=samples, sizes=sizes, skipped=skipped, decode_s=decode_s, infer_s=infer_s,
                        wall_s=time.perf_counter() - t0 - score_s, score_s=score_s)
 
 
-def _write_scores(out_dir: Path, samples: list[Sample], scores: Scores) -> Path:
+def _write_scores(out_dir: Path, samples: list[Sample], scores: Scores, threshold: float | None = None) -> Path:
+    """``scores.csv``: path, scores, the verdict with a threshold, the label where known."""
     with_label = any(s.label is not None for s in samples)
-    columns = ["path", "image_score", "raw_score"] + (["label"] if with_label else [])
+    columns = (["path", "image_score", "raw_score"] + (["verdict"] if threshold is not None else [])
+               + (["label"] if with_label else []))
     rows = []
     for s, final, raw in zip(samples, scores.image_scores, scores.image_scores_raw):
         row = [str(s.path), float(final), float(raw)]
+        if threshold is not None:
+            row.append(verdict(raw, threshold))
         if with_label:
             row.append("" if s.label is None else int(s.label))
         rows.append(row)
@@ -273,14 +432,24 @@ def _write_scores(out_dir: Path, samples: list[Sample], scores: Scores) -> Path:
     return path
 
 
-def _write_heatmaps(out_dir: Path, samples: list[Sample], sizes: list[tuple[int, int]], patch_maps: np.ndarray,
-                    warnings: list[str]) -> Path:
-    """Overlay each image's map at its original size; one colour scale for the whole run."""
+def _write_heatmaps(out_dir: Path, samples: list[Sample], sizes: list[tuple[int, int]], scores: Scores,
+                    settings: ScoreSettings, colour: tuple[float, float], warnings: list[str]) -> tuple[Path, Path]:
+    """Per image: the overlay at its original size (``maps/``) and the panel (``panels/``).
+
+    One colour scale ``colour`` for the run (``--heatmap-scale``). A heatmap that cannot be written
+    is a warning and the next one is tried: an output never costs the run its other outputs.
+    """
+    from tqdm import tqdm
+
     from musc_edge.runtime.preprocess import decode_image
 
-    maps_dir = out_dir / "maps"
-    vmin, vmax = float(patch_maps.min()), float(patch_maps.max())
-    for s, hw, name, pmap in zip(samples, sizes, output_names(samples), patch_maps):
+    maps_dir, panels_dir = out_dir / "maps", out_dir / "panels"
+    vmin, vmax = colour
+    note = _scale_note(settings.heatmap_scale, vmin, vmax)
+    failed: list[str] = []
+    items = zip(samples, sizes, output_names(samples), scores.patch_maps, scores.image_scores_raw, scores.image_scores)
+    for s, hw, name, pmap, raw, final in tqdm(items, total=len(samples), desc="heatmaps", unit="img",
+                                              file=sys.stderr, disable=not settings.progress, dynamic_ncols=True):
         try:
             image = decode_image(s.path)
         except ImageDecodeError as e:  # the file changed since it was scored
@@ -289,7 +458,31 @@ def _write_heatmaps(out_dir: Path, samples: list[Sample], sizes: list[tuple[int,
         if image.shape[:2] != tuple(hw):
             warnings.append(f"no heatmap for {s.rel}: the file changed size since it was scored")
             continue
-        write_png(maps_dir / name, heatmap_overlay(image, full_size_map(pmap, hw), vmin, vmax))
-    return maps_dir
+        amap = full_size_map(pmap, hw)
+        renders = ((maps_dir / name, partial(heatmap_overlay, image, amap, vmin, vmax, threshold=settings.threshold)),
+                   (panels_dir / name, partial(heatmap_panel, image, amap, vmin, vmax, title=s.rel, raw_score=raw,
+                                               image_score=final, threshold=settings.threshold, scale_note=note)))
+        for path, render in renders:
+            try:
+                write_png(path, render())
+            except OSError as e:  # ENAMETOOLONG, ENOSPC, EACCES: this output is lost, not the run
+                failed.append(f"{path.relative_to(out_dir)} not written for {s.rel}: {e.strerror or e}")
+    _record_failures(failed, warnings)
+    return maps_dir, panels_dir
 
 
+def _record_failures(failed: list[str], warnings: list[str]) -> None:
+    """The first failed writes one per line, the rest as a count (a full disk fails every one)."""
+    for line in failed[:_MAX_HEATMAP_WARNINGS]:
+        warnings.append(line)
+        log.warning("%s", line)
+    if len(failed) > _MAX_HEATMAP_WARNINGS:
+        warnings.append(f"... and {len(failed) - _MAX_HEATMAP_WARNINGS} more heatmaps not written")
+        log.warning("%s", warnings[-1])
+
+
+def _scale_note(scale: str | tuple[float, float], vmin: float, vmax: float) -> str:
+    """What the panel's colours mean, and how to make them comparable across runs."""
+    if scale == RUN_SCALE:
+        return f"colours: this run's range {vmin:.4g} .. {vmax:.4g} (fix it: --heatmap-scale LO,HI)"
+    return f"colours: fixed scale {vmin:.4g} .. {vmax:.4g} (--heatmap-scale)"

@@ -277,3 +277,160 @@ def test_window_over_the_memory_budget_is_one_line(tmp_path, model, capsys):
     line = one_error_line(err)
     assert "--window 100000 needs" in line and "GiB" in line and "the largest --window that fits is" in line
     assert not (tmp_path / "out" / "scores.csv").exists()
+
+
+# --- progress of the scoring stage, the O(N^2) warning, heatmap panels, outputs that cannot be written ---
+
+
+def test_score_tokens_reports_each_layer_and_r_call():
+    from musc_edge import MuscParams, score_tokens
+
+    rng = np.random.default_rng(0)
+    tokens = [rng.standard_normal((5, 1 + 16, c)).astype(np.float32) for c in (8, 12)]
+    calls = []
+    plain = score_tokens(tokens, params=MuscParams(r_list=(1, 3, 5)))
+    tracked = score_tokens(tokens, params=MuscParams(r_list=(1, 3, 5)), progress=lambda d, t: calls.append((d, t)))
+    assert calls == [(i, 6) for i in range(7)]  # 2 layers x 3 r, from 0 of 6
+    assert np.array_equal(plain.patch_maps, tracked.patch_maps)
+
+
+def test_pool_scorers_report_progress():
+    from musc_edge.core.pools import BatchPool, StreamPool
+
+    meta = tiny_meta(image_size=32, patch_size=8)
+    rng = np.random.default_rng(1)
+    n = 10
+    tokens = [rng.standard_normal((n, 1 + meta.grid ** 2, c)).astype(np.float32) for c in meta.token_dims]
+    emb = rng.standard_normal((n, meta.embed_dim)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+
+    batch_calls = []
+    pool = BatchPool(meta, n, progress=lambda d, t: batch_calls.append((d, t)))
+    pool.add(tokens, emb)
+    pool.finish()
+    assert batch_calls == [(i, 6) for i in range(7)]
+
+    stream_calls, truth = [], []
+    stream = StreamPool(meta, 4, progress=lambda d, t: stream_calls.append((d, t)))
+    for i in range(n):  # one image at a time: after each, compare with the images actually scored
+        stream.add([t[i:i + 1] for t in tokens], emb[i:i + 1])
+        truth.append((sum(m is not None for m in stream.stream._maps), i + 1))
+    stream.finish()
+    assert stream_calls[:-1] == truth and stream_calls[-1] == (n, n)
+    assert truth[3] == (0, 4) and truth[4] == (3, 5)  # one window buffered, then each image W // 2 later
+
+
+def test_score_stage_draws_a_progress_bar(tmp_path, model, capsys):
+    data = make_category(tmp_path / "cat", n_good=4, defects=("blob",), n_each=1)
+    assert main(["score", str(data), "--model", str(model), "--out", str(tmp_path / "o1")]) == 0
+    err = capsys.readouterr().err
+    assert "score: 100%" in err and "6/6" in err  # tiny model: 2 layers x r = 1,3,5
+    assert main(["score", str(data), "--model", str(model), "--out", str(tmp_path / "o2"), "--window", "2"]) == 0
+    assert "scored 4" in capsys.readouterr().err  # 5 images, window 2: all but the last W // 2 scored
+    assert main(["score", str(data), "--model", str(model), "--out", str(tmp_path / "o3"), "--quiet"]) == 0
+    assert "score:" not in capsys.readouterr().err
+
+
+def test_estimate_of_the_batch_score_time():
+    from musc_edge import MuscParams
+    from musc_edge.score import folder
+
+    meta = tiny_meta(image_size=64, patch_size=8, token_dims=(16, 24))  # L = 64 patches, C = 40
+    params = MuscParams(r_list=(1, 3))
+    per_pair = 2 * 64 * 64 * 40 * 2
+    rate = folder.SCORE_RATE_FLOPS["cpu"]
+    assert folder.estimate_score_seconds(10, meta, params) == pytest.approx(45 * per_pair / rate)
+    assert folder.estimate_score_seconds(10, meta, params, window=4) == pytest.approx(40 * per_pair / rate)
+    assert folder.estimate_score_seconds(10, meta, params, window=16) == pytest.approx(45 * per_pair / rate)
+    # 3,000 images: the distance table (3000 x 64 x 3000 float32) is over MSM's 1 GiB, pairs go twice
+    assert folder.estimate_score_seconds(3000, meta, params) == pytest.approx(2 * 4498500 * per_pair / rate)
+    # EfficientNet-Lite0 @ 224 (grid 28, C = 40 + 112, r = 1,3,5) on 3,000 images: tens of hours
+    effnet = tiny_meta(image_size=224, patch_size=8, token_dims=(40, 112))
+    assert 20 * 3600 < folder.estimate_score_seconds(3000, effnet, MuscParams()) < 80 * 3600
+
+
+def test_slow_batch_score_warns_and_suggests_a_window(tmp_path, model, caplog, monkeypatch):
+    from musc_edge.score import folder
+
+    def warned():
+        lines = [r.getMessage() for r in caplog.records if "O(N^2)" in r.getMessage()]
+        caplog.clear()
+        return lines
+
+    data = make_category(tmp_path / "cat", n_good=8, defects=("blob",), n_each=1)  # 9 images
+    assert main(["score", str(data), "--model", str(model), "--out", str(tmp_path / "fast"), "--quiet"]) == 0
+    assert warned() == []  # a tiny pool at the real rate: no warning
+    assert json.loads((tmp_path / "fast" / "run.json").read_text())["warnings"] == []
+
+    monkeypatch.setitem(folder.SCORE_RATE_FLOPS, "cpu", 1e3)  # a machine a million times slower
+    monkeypatch.setattr(folder, "SUGGESTED_WINDOW", 2)  # a window far smaller than this tiny pool
+    assert main(["score", str(data), "--model", str(model), "--out", str(tmp_path / "slow"), "--quiet"]) == 0
+    lines = warned()
+    assert len(lines) == 1 and "\n" not in lines[0] and "9 images" in lines[0] and "--window 2" in lines[0]
+    run = json.loads((tmp_path / "slow" / "run.json").read_text())
+    assert run["warnings"] == lines and run["score_estimate_s"] > folder.SLOW_SCORE_WARN_S
+
+    monkeypatch.setattr(folder, "SUGGESTED_WINDOW", 64)  # no faster with a window than the pool itself
+    assert main(["score", str(data), "--model", str(model), "--out", str(tmp_path / "small"), "--quiet"]) == 0
+    lines = warned()
+    assert len(lines) == 1 and "--window" not in lines[0]
+
+    assert main(["score", str(data), "--model", str(model), "--out", str(tmp_path / "win"), "--quiet",
+                 "--window", "4"]) == 0
+    assert warned() == []  # already streaming
+
+
+def test_heatmap_panels_threshold_and_verdict(tmp_path, model):
+    data = make_category(tmp_path / "cat", n_good=4, defects=("blob",), n_each=1)
+    out = tmp_path / "out"
+    assert main(["score", str(data), "--model", str(model), "--out", str(out), "--heatmaps", "--quiet",
+                 "--threshold", "0.5", "--heatmap-scale", "0,1.5"]) == 0
+    rows = read_csv(out / "scores.csv")
+    assert list(rows[0]) == ["path", "image_score", "raw_score", "verdict", "label"]
+    assert all(r["verdict"] == ("anomalous" if float(r["raw_score"]) >= 0.5 else "good") for r in rows)
+    run = json.loads((out / "run.json").read_text())
+    assert run["settings"]["threshold"] == 0.5 and run["settings"]["heatmap_range"] == [0.0, 1.5]
+    for rel in ("blob/000.png", "good/000.png"):
+        original = cv2.imread(str(data / "test" / rel))
+        assert cv2.imread(str(out / "maps" / rel)).shape == original.shape  # pixel-aligned overlay
+        panel = cv2.imread(str(out / "panels" / rel))
+        assert panel.shape[0] > 2 * original.shape[0] and panel.shape[1] > 2 * original.shape[1]
+
+
+def test_a_heatmap_that_cannot_be_written_never_loses_the_rest(tmp_path, model, monkeypatch):
+    import errno
+
+    from musc_edge.score import folder
+
+    data = make_category(tmp_path / "cat", n_good=4, defects=("blob",), n_each=1)
+    real_write = folder.write_png
+
+    def write_png(path, image):
+        if "001" in str(path):
+            raise OSError(errno.ENAMETOOLONG, "File name too long", str(path))
+        real_write(path, image)
+
+    monkeypatch.setattr(folder, "write_png", write_png)
+    out = tmp_path / "out"
+    assert main(["score", str(data), "--model", str(model), "--out", str(out), "--heatmaps", "--quiet"]) == 0
+    assert (out / "metrics.json").exists() and len(read_csv(out / "scores.csv")) == 5
+    run = json.loads((out / "run.json").read_text())
+    lost = [w for w in run["warnings"] if "not written" in w]
+    assert len(lost) == 2 and all("good/001" in w and "File name too long" in w for w in lost)  # overlay + panel
+    assert sorted(p.relative_to(out / "maps").as_posix() for p in (out / "maps").rglob("*.png")) == [
+        "blob/000.png", "good/000.png", "good/002.png", "good/003.png"]
+
+
+def test_a_250_byte_file_name_scores_to_the_end(tmp_path, model):
+    rng = np.random.default_rng(4)
+    data = make_category(tmp_path / "cat", n_good=3, defects=("blob",), n_each=1)
+    long_name = "p" * 246 + ".png"  # 250 bytes: its output name plus a temporary suffix passes 255
+    cv2.imwrite(str(data / "test" / "good" / long_name), tile(rng, 50, 50))
+    out = tmp_path / "out"
+    assert main(["score", str(data), "--model", str(model), "--out", str(out), "--heatmaps", "--quiet"]) == 0
+    assert (out / "run.json").exists() and (out / "metrics.json").exists()
+    assert len(read_csv(out / "scores.csv")) == 5
+    # its heatmaps are either written (under a name that fits) or listed as not written
+    written = len(list((out / "maps").rglob("*.png"))) + len(list((out / "panels").rglob("*.png")))
+    lost = [w for w in json.loads((out / "run.json").read_text())["warnings"] if "not written" in w]
+    assert written + len(lost) == 10 and all("p" * 20 in w for w in lost)

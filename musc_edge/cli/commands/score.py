@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
@@ -9,6 +10,21 @@ import click
 from musc_edge.cli.options import (batch_option, device_option, heatmaps_option, k_option, layout_options,
                                    mem_budget_option, model_option, out_option, precision_option, r_option,
                                    score_device_option)
+
+
+def _heatmap_scale(ctx: click.Context, param: click.Parameter, value: str) -> str | tuple[float, float]:
+    """``run`` or ``LO,HI`` (two finite numbers, LO < HI), checked where the flag enters."""
+    from musc_edge.core.errors import InputError
+
+    if value.strip().lower() == "run":
+        return "run"
+    try:
+        lo, hi = (float(v) for v in value.split(","))
+    except ValueError:
+        raise InputError(f"--heatmap-scale expects run or LO,HI (two numbers such as 0.5,1.0), got {value!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise InputError(f"--heatmap-scale LO,HI needs finite numbers with LO < HI, got {value!r}")
+    return lo, hi
 
 
 @click.command(name="score")
@@ -23,6 +39,14 @@ from musc_edge.cli.options import (batch_option, device_option, heatmaps_option,
                    "<stem>_mask.png masks (flat and mvtec layouts).")
 @layout_options
 @heatmaps_option
+@click.option("--heatmap-scale", "heatmap_scale", default="run", show_default=True, metavar="run|LO,HI",
+              callback=_heatmap_scale,
+              help="Colour scale of the heatmaps: run (blue..red spans this run's maps; compare within the run "
+                   "only) or fixed values LO,HI, e.g. 0.5,1.0 (compare across runs and days; values outside are "
+                   "clipped). Every panel shows its scale on a colour bar.")
+@click.option("--threshold", type=float, default=None, metavar="T",
+              help="Anomalous when the raw score (the map's maximum) is >= T, as in watch: adds a verdict "
+                   "column to scores.csv, and the verdict and the contour of the map at T to the heatmaps.")
 @device_option
 @score_device_option
 @precision_option
@@ -42,7 +66,8 @@ from musc_edge.cli.options import (batch_option, device_option, heatmaps_option,
                                   "scored, so a defect repeated through a window still stands out.")
 @mem_budget_option
 def score(data_dir: Path, model_path: Path, out_dir: Path, batch: int, r_list: tuple[int, ...],
-          k_list: tuple[int, ...], gt: str, heatmaps: bool, device: str, score_device: str, precision: str,
+          k_list: tuple[int, ...], gt: str, heatmaps: bool, heatmap_scale: str | tuple[float, float],
+          threshold: float | None, device: str, score_device: str, precision: str,
           workers: int, quiet: bool,
           window: int | None, order: str, reference: Path | None, layout: str, normal_dir: str | None,
           abnormal_dir: str | None, mask_dir: str | None, mem_budget: int | None) -> None:
@@ -53,10 +78,14 @@ def score(data_dir: Path, model_path: Path, out_dir: Path, batch: int, r_list: t
     a VisA object (DIR with ../split_csv/1cls.csv) or anomalib's Folder layout (--layout folder
     --normal-dir good --abnormal-dir bad --mask-dir masks).
     Writes OUT/scores.csv, OUT/run.json, OUT/metrics.json (when ground truth exists) and, with
-    --heatmaps, OUT/maps/<type>/<stem>.png overlays at the original image size.
+    --heatmaps, OUT/maps/<type>/<stem>.png overlays at the original image size and
+    OUT/panels/<type>/<stem>.png for a person: original and overlay side by side, scores, verdict
+    (--threshold) and a colour bar.
 
     Without --window every image's features are kept (float16) and scored in one pool; --window W
     streams the folder (in --order) through a rolling window and keeps only each image's map.
+    Batch scoring grows as N^2; when it would take more than about 10 minutes, score says so
+    before it starts and suggests --window.
 
     \b
     Examples:
@@ -70,7 +99,7 @@ def score(data_dir: Path, model_path: Path, out_dir: Path, batch: int, r_list: t
                              device=device, workers=workers, progress=not quiet, window=window, order=order,
                              reference=reference, layout=layout, normal_dir=normal_dir, abnormal_dir=abnormal_dir,
                              mask_dir=mask_dir, mem_budget_bytes=mem_budget, score_device=score_device,
-                             precision=precision)
+                             precision=precision, threshold=threshold, heatmap_scale=heatmap_scale)
     result = score_folder(data_dir, model_path, out_dir, settings)
     click.echo(format_summary(result.run, result.metrics, result.out_dir, result.files))
 
@@ -96,7 +125,7 @@ def format_summary(run: dict, metrics: dict | None, out_dir: Path, files: dict[s
         lines.append(f"  {'metric':<10}{'image':>9}{'pixel':>9}")
         for key in ("auroc", "ap", "f1_max", "aupro"):
             lines.append(f"  {key:<10}{_fmt(image.get(key)):>9}{_fmt(pixel.get(key)):>9}")
-    lines.append(f"results in {out_dir}: " + ", ".join(Path(v).name + ("/" if k == "maps" else "")
+    lines.append(f"results in {out_dir}: " + ", ".join(Path(v).name + ("/" if k in ("maps", "panels") else "")
                                                    for k, v in files.items()))
     return "\n".join(lines)
 
