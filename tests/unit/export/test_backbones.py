@@ -35,6 +35,20 @@ def test_every_clip_arch_exists_in_open_clip():
             assert open_clip.get_pretrained_cfg(spec.arch, spec.weights).get("hf_hub")
 
 
+def test_efficientnet_lite_entries_share_one_builder_and_differ_in_data():
+    specs = [backbones.get_spec(f"efficientnet_lite{i}") for i in range(3)]
+    assert [(s.arch, s.image_size) for s in specs] == [
+        ("efficientnet-lite0", 224), ("efficientnet-lite1", 240), ("efficientnet-lite2", 256)]
+    for s in specs:
+        assert (s.family, s.model_family, s.patch_size, s.num_blocks, s.layers, s.weights) == (
+            "efficientnet", "cnn", 8, 7, (3, 5), "imagenet")
+        assert (s.mean, s.std, s.interpolation) == ((0.5,) * 3, (0.5,) * 3, "bilinear")
+        assert backbones.resolve_image_size(s, None) == s.image_size  # the default passes its own check
+    # Lite2 trained at 260, which the stride-8 token grid cannot take
+    with pytest.raises(InputError, match="multiple of 8"):
+        backbones.resolve_image_size(specs[2], 260)
+
+
 def test_unknown_backbone_lists_the_valid_names():
     with pytest.raises(ModelError) as e:
         backbones.get_spec("vit_h14")
