@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "score": "musc_edge.cli.commands.score:score",
     "watch": "musc_edge.cli.commands.watch:watch",
     "calibrate": "musc_edge.cli.commands.calibrate:calibrate",
+    "threshold": "musc_edge.cli.commands.threshold:threshold",
 }
 
 HELP = {
@@ -30,6 +31,7 @@ HELP = {
     "score": "Score a folder of images offline; metrics when masks exist.",
     "watch": "Watch a folder and score each new image as it lands.",
     "calibrate": "Build an INT8 model from line images, with an accuracy report.",
+    "threshold": "Compute a threshold from a scored run (labels, or known-good parts).",
 }
 
 
