@@ -4,9 +4,16 @@ Two steps, both driven by the model's metadata (:class:`musc_edge.core.meta.Mode
 
 * :func:`decode_image` turns the bytes of a jpg/png/bmp/tiff file into an (H, W, 3) uint8 RGB array:
   gray is replicated, alpha is dropped (as PIL's ``convert("RGB")`` in open_clip does), 16-bit is
-  scaled to 8-bit by full range (x * 255 / 65535, the same for every image so that mutual scoring
-  compares like with like), and anything unreadable raises :class:`ImageDecodeError` with a
-  one-line reason.
+  scaled to 8-bit by its bit depth (x * 255 / (2^bits - 1): the depth the file declares, else 12
+  bits when every value is below 4096, as 12-bit cameras store them, else 16; the same rule for
+  every image so that mutual scoring compares like with like), the EXIF orientation is applied
+  (as Pillow's ``ImageOps.exif_transpose``: images, maps and overlays are upright, as every viewer
+  shows them), and anything unreadable raises :class:`ImageDecodeError` with a one-line reason.
+* :func:`read_image_file` reads a file only after its first bytes look like an image and its size
+  is under a limit (docs/watch.md, "What happens when"): a 1 GB ``x.jpg`` of garbage costs 16 bytes
+  of reading, not 1 GB of memory. A read that fails for a reason outside the file's content
+  (permissions, I/O, a stale network handle) raises :class:`FileReadError`, which a caller that
+  can wait retries.
 * :func:`preprocess` resizes to a square S x S (the aspect ratio is *not* kept, MUSC_SPEC 1, as
   MuSc's released code does), scales to [0, 1] and normalises with the model's mean/std.
 
@@ -20,6 +27,7 @@ to float rounding (see ``tests/unit/runtime/test_preprocess.py`` and ``docs/runt
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 from functools import lru_cache
@@ -31,11 +39,42 @@ import numpy as np
 from musc_edge.core.errors import ImageDecodeError, InputError
 from musc_edge.core.meta import ModelMeta
 
+log = logging.getLogger(__name__)
+
 #: Largest image (in pixels) we decode; override with MUSC_EDGE_MAX_PIXELS or ``max_pixels=``.
 DEFAULT_MAX_PIXELS = 100_000_000
 
+#: Largest file we read (bytes); override with MUSC_EDGE_MAX_FILE_BYTES, ``max_bytes=`` or
+#: ``watch --max-file-size``. 256 MiB holds a 60-megapixel 16-bit RGB TIFF, uncompressed.
+DEFAULT_MAX_FILE_BYTES = 256 * 2**20
+
+#: Bytes read before the rest of a file: enough for every signature :func:`_sniff_format` knows.
+_HEADER_BYTES = 16
+
+
+class FileReadError(ImageDecodeError):
+    """The file could not be read (permissions, I/O error, a stale NFS handle): not its content.
+
+    ``errno`` is the OS error number. Batch tools skip the file like any unreadable image; the
+    watch daemon retries it with backoff, because such errors pass (docs/watch.md, "What happens
+    when"): a skip keyed on size and mtime would outlive a ``chmod``.
+    """
+
+    def __init__(self, message: str, errno: int | None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
 # PIL's fixed-point resampling (libImaging/Resample.c): 8-bit pixels, 22-bit coefficients.
 _PRECISION_BITS = 32 - 8 - 2
+
+
+def max_file_bytes_limit() -> int:
+    """The size limit for one file: MUSC_EDGE_MAX_FILE_BYTES if set, else DEFAULT_MAX_FILE_BYTES."""
+    text = os.environ.get("MUSC_EDGE_MAX_FILE_BYTES", "")
+    try:
+        return int(text) if text else DEFAULT_MAX_FILE_BYTES
+    except ValueError:
+        raise InputError(f"MUSC_EDGE_MAX_FILE_BYTES must be an integer, got {text!r}") from None
 
 
 def max_pixels_limit() -> int:
@@ -48,27 +87,62 @@ def max_pixels_limit() -> int:
 
 
 # --------------------------------------------------------------------------------------------- decode
-def decode_image(path: str | Path, *, max_pixels: int | None = None) -> np.ndarray:
+def decode_image(path: str | Path, *, max_pixels: int | None = None, max_bytes: int | None = None) -> np.ndarray:
     """Read an image file into an (H, W, 3) uint8 RGB array, or raise ImageDecodeError (one line)."""
     path = Path(path)
-    return decode_bytes(_read(path), name=str(path), max_pixels=max_pixels)
+    return decode_bytes(read_image_file(path, max_bytes=max_bytes), name=str(path), max_pixels=max_pixels)
 
 
-def _read(path: Path) -> bytes:
+def read_image_file(path: str | Path, *, max_bytes: int | None = None) -> bytes:
+    """The bytes of an image file, refused before they are read whole when they cannot be one.
+
+    The first bytes must carry an image signature and the file must be at most ``max_bytes``
+    (default :func:`max_file_bytes_limit`): both are checked before the rest is read, so memory is
+    bounded by the limit whatever lands in the folder. ImageDecodeError for what the file holds,
+    :class:`FileReadError` when the OS refuses the read.
+    """
+    path = Path(path)
+    limit = max_file_bytes_limit() if max_bytes is None else int(max_bytes)
     try:
-        return path.read_bytes()
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(_HEADER_BYTES)
+            _check_signature(head, str(path))
+            _check_file_size(size, limit, str(path))
+            # one byte more than fstat said, to see growth; read(n) allocates n bytes up front, so n
+            # is the file's size, never the limit
+            rest = f.read(size + 1 - len(head))
     except OSError as e:
-        raise ImageDecodeError(f"{path}: cannot read file ({e.strerror or e})") from None
+        raise FileReadError(f"{path}: cannot read file ({e.strerror or e})", e.errno) from None
+    data = head + rest
+    if len(data) > size:  # a writer is still at it: looked at again once it changes no more
+        raise ImageDecodeError(f"{path}: the file grew while it was read")
+    return data
+
+
+def _check_signature(head: bytes, name: str) -> str:
+    """The format the first bytes announce; ImageDecodeError for an empty file, a GIF or no image."""
+    if len(head) == 0:
+        raise ImageDecodeError(f"{name}: empty file")
+    kind = _sniff_format(head)
+    if kind == "gif":
+        raise ImageDecodeError(f"{name}: GIF images are not read (palette colours, often animated); "
+                               "save it as PNG")
+    if kind is None:
+        raise ImageDecodeError(f"{name}: not a jpg/png/bmp/tiff image")
+    return kind
+
+
+def _check_file_size(size: int, limit: int, name: str) -> None:
+    if size > limit:
+        raise ImageDecodeError(f"{name}: file of {size / 2**20:.1f} MiB is over the limit of {limit / 2**20:.1f} MiB; "
+                               "raise --max-file-size (or MUSC_EDGE_MAX_FILE_BYTES) if it is a real image")
 
 
 def _decode_native(data: bytes, *, name: str, max_pixels: int | None) -> np.ndarray:
     """Checked ``cv2.imdecode(IMREAD_UNCHANGED)``: the array as stored (gray stays 2-D, BGR order)."""
     limit = max_pixels_limit() if max_pixels is None else int(max_pixels)
-    if len(data) == 0:
-        raise ImageDecodeError(f"{name}: empty file")
-    kind = _sniff_format(data)
-    if kind is None:
-        raise ImageDecodeError(f"{name}: not a jpg/png/bmp/tiff image")
+    kind = _check_signature(data[:_HEADER_BYTES], name)
     if _is_truncated(data, kind):
         raise ImageDecodeError(f"{name}: truncated {kind} file")
     size = _header_size(data, kind)
@@ -82,7 +156,12 @@ def _decode_native(data: bytes, *, name: str, max_pixels: int | None) -> np.ndar
     if image is None or image.size == 0:
         raise ImageDecodeError(f"{name}: corrupt {kind} data (OpenCV could not decode it)")
     _check_pixels(image.shape[1], image.shape[0], limit, name)
-    return image
+    tiff = _tiff_info(data) if kind == "tiff" else None
+    if tiff is not None and tiff.pages > 1:
+        log.warning("%s: a TIFF of %d pages; only page 1 is scored", name, tiff.pages)
+    if image.dtype == np.uint16:
+        image = _scale_uint16(image, _declared_bits(data, kind, tiff), name)
+    return _orient(image, _orientation(data, kind))
 
 
 def decode_bytes(data: bytes, *, name: str = "image", max_pixels: int | None = None) -> np.ndarray:
@@ -112,8 +191,8 @@ def to_rgb8(image: np.ndarray, *, name: str = "image") -> np.ndarray:
 def _to_uint8(image: np.ndarray, name: str) -> np.ndarray:
     if image.dtype == np.uint8:
         return image
-    if image.dtype == np.uint16:  # full-range scaling, identical for every image of a pool
-        return ((image.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    if image.dtype == np.uint16:
+        return _scale_uint16(image, None, name)
     if image.dtype == np.int8:
         return (image.astype(np.int16) + 128).astype(np.uint8)
     if image.dtype == np.int16:
@@ -147,6 +226,8 @@ def _sniff_format(data: bytes) -> str | None:
         return "bmp"
     if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
         return "tiff"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"  # recognised so that it is refused with a reason, not as "not an image"
     return None
 
 
@@ -195,6 +276,154 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+# --------------------------------------------------------------------------- bit depth and orientation
+#: Values of a 16-bit image all below this: 12-bit camera data (Mono12 and the like) stored in 16 bits.
+_TWELVE_BIT_TOP = 4096
+_said_twelve_bit = False
+
+
+def _scale_uint16(image: np.ndarray, bits: int | None, name: str) -> np.ndarray:
+    """uint16 -> uint8 by the data's depth: x * 255 / (2^bits - 1), rounded.
+
+    ``bits`` is what the file declares (PNG sBIT, TIFF BitsPerSample / MaxSampleValue); without
+    it, 12 when every value is below 4096 (scaled by the full 16-bit range such an image comes out
+    near-black and scores as the most anomalous of its pool), else 16.
+    """
+    global _said_twelve_bit
+    if bits is None:
+        bits = 12 if int(image.max(initial=0)) < _TWELVE_BIT_TOP else 16
+        if bits == 12 and not _said_twelve_bit:
+            _said_twelve_bit = True
+            log.warning("%s: a 16-bit image with every value below 4096 is read as 12-bit data (x * 255 / 4095), "
+                        "as is every such image; a file that declares its depth (PNG sBIT, TIFF BitsPerSample or "
+                        "MaxSampleValue) is scaled by that (said once)", name)
+    bits = min(16, max(1, int(bits)))
+    top = (1 << bits) - 1
+    clipped = np.minimum(image, top).astype(np.uint32)
+    return ((clipped * 255 + top // 2) // top).astype(np.uint8)
+
+
+class _Tiff:
+    """What the first IFD of a TIFF structure says: tag -> values (SHORT/LONG only), page count."""
+
+    def __init__(self, tags: dict[int, tuple[int, ...]], pages: int) -> None:
+        self.tags, self.pages = tags, pages
+
+
+def _tiff_info(data: bytes, base: int = 0) -> _Tiff | None:
+    """Parse the classic TIFF header at ``data[base:]`` (a TIFF file, or JPEG/PNG EXIF data).
+
+    Only what decoding needs: IFD0's SHORT and LONG tags (orientation, bit depth) and how many
+    IFDs follow (pages). None for BigTIFF or anything malformed: decoding then goes on without it.
+    """
+    try:
+        order = {b"II": "<", b"MM": ">"}[data[base:base + 2]]
+        if struct.unpack(order + "H", data[base + 2:base + 4])[0] != 42:
+            return None
+        offset = struct.unpack(order + "I", data[base + 4:base + 8])[0]
+        seen = {offset}
+        tags, offset = _tiff_ifd(data, base, order, offset)
+        pages = 1
+        while offset and pages < 100_000 and offset not in seen:  # a loop in the chain ends it
+            seen.add(offset)
+            _, offset = _tiff_ifd(data, base, order, offset, read_tags=False)
+            pages += 1
+        return _Tiff(tags, pages)
+    except (KeyError, struct.error, IndexError):
+        return None
+
+
+def _tiff_ifd(data: bytes, base: int, order: str, offset: int, *, read_tags: bool = True
+              ) -> tuple[dict[int, tuple[int, ...]], int]:
+    """(SHORT/LONG tags, offset of the next IFD) of the IFD at ``offset`` (relative to ``base``)."""
+    at = base + offset
+    (count,) = struct.unpack(order + "H", data[at:at + 2])
+    tags: dict[int, tuple[int, ...]] = {}
+    for i in range(count if read_tags else 0):
+        tag, kind, n, raw = struct.unpack(order + "HHI4s", data[at + 2 + 12 * i: at + 14 + 12 * i])
+        if kind not in (3, 4) or not 0 < n <= 16:
+            continue
+        fmt = order + ("H" if kind == 3 else "I") * n
+        size = struct.calcsize(fmt)
+        blob = raw[:size] if size <= 4 else data[base + struct.unpack(order + "I", raw)[0]:][:size]
+        tags[tag] = struct.unpack(fmt, blob)
+    end = at + 2 + 12 * count
+    (next_offset,) = struct.unpack(order + "I", data[end:end + 4])
+    return tags, next_offset
+
+
+_ORIENTATION, _BITS_PER_SAMPLE, _MAX_SAMPLE_VALUE = 274, 258, 281
+
+
+def _orientation(data: bytes, kind: str) -> int:
+    """The EXIF orientation still to apply (1-8; 1 = none) to what ``cv2.imdecode`` returned.
+
+    ``IMREAD_UNCHANGED`` leaves JPEG (APP1 Exif) and PNG (eXIf) pixels as stored, while OpenCV's
+    TIFF decoder turns the page upright itself (tests/unit/runtime/test_preprocess.py checks both
+    against Pillow), so TIFF needs nothing more.
+    """
+    if kind == "jpeg":
+        tiff = _jpeg_exif(data)
+    elif kind == "png":
+        chunk = _png_chunks(data).get(b"eXIf")
+        tiff = _tiff_info(chunk) if chunk else None
+    else:
+        return 1
+    value = tiff.tags.get(_ORIENTATION, (1,))[0] if tiff is not None else 1
+    return value if 1 <= value <= 8 else 1
+
+
+def _declared_bits(data: bytes, kind: str, tiff: _Tiff | None) -> int | None:
+    """Significant bits per sample a 16-bit file declares: PNG sBIT, TIFF BitsPerSample or MaxSampleValue."""
+    if kind == "png":
+        sbit = _png_chunks(data).get(b"sBIT")
+        return max(sbit) if sbit else None
+    if tiff is None:
+        return None
+    bits = max(tiff.tags.get(_BITS_PER_SAMPLE, (16,)))
+    if bits < 16:
+        return bits
+    top = tiff.tags.get(_MAX_SAMPLE_VALUE)
+    return max(top).bit_length() if top and 0 < max(top) < 65535 else None
+
+
+def _png_chunks(data: bytes) -> dict[bytes, bytes]:
+    """The chunks before the image data (IHDR .. the first IDAT), by type."""
+    chunks: dict[bytes, bytes] = {}
+    pos = 8
+    while pos + 8 <= len(data):
+        length, ctype = struct.unpack(">I4s", data[pos:pos + 8])
+        if ctype == b"IDAT":
+            break
+        chunks.setdefault(ctype, data[pos + 8:pos + 8 + length])
+        pos += 12 + length
+    return chunks
+
+
+def _jpeg_exif(data: bytes) -> _Tiff | None:
+    """IFD0 of the APP1 Exif segment of a JPEG, if it has one before the image data."""
+    i, n = 2, len(data)
+    while i + 4 <= n and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xDA:  # start of scan: no metadata after it
+            return None
+        (length,) = struct.unpack(">H", data[i + 2:i + 4])
+        if marker == 0xE1 and data[i + 4:i + 10] == b"Exif\x00\x00":
+            return _tiff_info(data[:i + 2 + length], base=i + 10)
+        i += 2 + length
+    return None
+
+
+def _orient(image: np.ndarray, orientation: int) -> np.ndarray:
+    """Turn the stored pixels upright, as Pillow's ``ImageOps.exif_transpose`` does for tags 2-8."""
+    if orientation == 1:
+        return image
+    ops = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+           5: lambda a: a.swapaxes(0, 1), 6: lambda a: a.swapaxes(0, 1)[:, ::-1],
+           7: lambda a: a[::-1, ::-1].swapaxes(0, 1), 8: lambda a: a.swapaxes(0, 1)[::-1]}
+    return np.ascontiguousarray(ops[orientation](image))
+
+
 # ----------------------------------------------------------------------------------------- preprocess
 def preprocess(image_rgb: np.ndarray, meta: ModelMeta) -> np.ndarray:
     """(H, W, 3) uint8 RGB -> (3, S, S) float32 backbone input (MUSC_SPEC 1).
@@ -215,8 +444,13 @@ def load_input(path: str | Path, meta: ModelMeta, *, max_pixels: int | None = No
     and replicated afterwards (3x less work for the gray line cameras common in inspection).
     """
     path = Path(path)
-    name = str(path)
-    native = _decode_native(_read(path), name=name, max_pixels=max_pixels)
+    return input_from_bytes(read_image_file(path), meta, name=str(path), max_pixels=max_pixels)
+
+
+def input_from_bytes(data: bytes, meta: ModelMeta, *, name: str = "image", max_pixels: int | None = None
+                     ) -> tuple[np.ndarray, tuple[int, int]]:
+    """:func:`load_input` on bytes already read (the watch daemon hashes them first)."""
+    native = _decode_native(data, name=name, max_pixels=max_pixels)
     hw = (int(native.shape[0]), int(native.shape[1]))
     size = meta.image_size
     if native.ndim == 2 or (native.ndim == 3 and native.shape[2] == 1):

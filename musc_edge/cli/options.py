@@ -61,6 +61,24 @@ mem_budget_option = click.option(
          "memory available]. A --window over it is refused with the largest one that fits.")
 
 
+def _file_size(ctx: click.Context, param: click.Parameter, value: str | None):
+    from musc_edge.core.memory import parse_size
+
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except InputError:
+        raise InputError(f"--max-file-size expects a size such as 256MiB or 1GiB, got {value!r}") from None
+
+
+max_file_size_option = click.option(
+    "--max-file-size", "max_file_bytes", default=None, metavar="SIZE", callback=_file_size,
+    help="Largest image file that is read (256MiB, 1GiB) [default: 256MiB, or MUSC_EDGE_MAX_FILE_BYTES]. A larger "
+         "file, like one without an image signature in its first bytes, is skipped with its reason before it is "
+         "read into memory.")
+
+
 def layout_options(f):
     """``--layout`` and anomalib Folder's ``--normal-dir/--abnormal-dir/--mask-dir``."""
     from musc_edge.datasets import LAYOUTS

@@ -16,8 +16,9 @@ import numpy as np
 
 from musc_edge.core.errors import ImageDecodeError, InputError
 
-#: File name suffixes of images we read (lower case).
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+#: File name suffixes of images we read (lower case). ``.gif`` is listed so that a GIF is found,
+#: counted and skipped with its reason by the decoder (it reads no GIF), never ignored in silence.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif")
 GOOD_TYPE = "good"
 MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg")
 

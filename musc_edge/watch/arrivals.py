@@ -2,15 +2,20 @@
 
 Cameras and copy tools write files in pieces. A file is offered for scoring only when
 
-1. its name is an image name (jpg/png/bmp/tiff) that is not hidden: names starting with '.' and
-   names ending in ``.tmp`` / ``.part`` are ignored, so write-then-rename is always safe;
+1. its name is an image name (jpg/png/bmp/tiff, and gif, which the caller skips with its reason)
+   that is not hidden: names starting with '.' and names ending in ``.tmp`` / ``.part`` are
+   ignored, so write-then-rename is always safe;
 2. its size and mtime have not changed for ``stable_s`` seconds and it is not empty;
 3. (checked by the caller) it decodes; a file that does not decode is skipped, and looked at again
-   only if it changes later (a writer that paused longer than ``stable_s``).
+   only if it changes later (a writer that paused longer than ``stable_s``). A file the OS would
+   not let the caller read (permissions, I/O, a stale NFS handle) is not skipped: the caller
+   defers it (:meth:`ArrivalTracker.defer`), and it is offered again when its delay has passed.
 
 Two sources tell the tracker about files: watchdog (inotify on Linux) by default, and polling
 (``--poll``) for network mounts where inotify sees nothing. Both only *nominate* paths; the tracker
-stats them itself, so a missed or duplicated event changes nothing.
+stats them itself, so a missed or duplicated event changes nothing. An inotify watch dies with its
+folder, so the watchdog source checks the folder's identity and re-arms on a folder deleted and
+created again (docs/watch.md, "What happens when").
 
 The tracker and the poll source read the clocks they are given (:mod:`musc_edge.watch.clock`):
 ``clock`` (monotonic) for how long a file has been stable and when the next poll is due,
@@ -70,6 +75,7 @@ class ArrivalTracker:
         self.since_ns = since_ns
         self.handled: dict[str, tuple[int, int]] = {}
         self._watching: dict[Path, _Watch] = {}
+        self._deferred: dict[Path, tuple[float, Arrival]] = {}  # path -> (clock time due, the arrival)
 
     def accepts(self, path: Path) -> bool:
         """Name and place rules (not the content): image name, in the root (or below it)."""
@@ -88,7 +94,7 @@ class ArrivalTracker:
         path = Path(path)
         if not path.is_absolute():
             path = self.root / path
-        if not self.accepts(path) or path in self._watching:
+        if not self.accepts(path) or path in self._watching or path in self._deferred:
             return
         try:
             st = path.stat()
@@ -107,6 +113,7 @@ class ArrivalTracker:
     def ready(self) -> list[Arrival]:
         """Files that have been stable for ``stable_s``, oldest mtime first. They stop being watched."""
         now = self.clock()
+        self._wake_deferred(now)
         out = []
         for path, w in list(self._watching.items()):
             try:
@@ -122,9 +129,28 @@ class ArrivalTracker:
                 del self._watching[path]
         return sorted(out, key=lambda a: (a.mtime_ns, str(a.path)))
 
+    def defer(self, arrival: Arrival, delay_s: float) -> None:
+        """Offer ``arrival`` again once ``delay_s`` seconds of ``clock`` have passed.
+
+        For a read that failed for a reason that may pass (docs/watch.md, "What happens when"):
+        until then scans do not nominate the file, so the caller's backoff holds.
+        """
+        self._deferred[arrival.path] = (self.clock() + float(delay_s), arrival)
+
+    def _wake_deferred(self, now: float) -> None:
+        """Deferred files that are due are watched again, stable already unless they changed."""
+        for path, (due, a) in list(self._deferred.items()):
+            if now >= due:
+                del self._deferred[path]
+                self._watching[path] = _Watch(a.size, a.mtime_ns, a.arrived, now - self.stable_s)
+
     @property
     def watching(self) -> int:
         return len(self._watching)
+
+    @property
+    def deferred(self) -> int:
+        return len(self._deferred)
 
     def mark_handled(self, arrival: Arrival) -> None:
         self.handled[str(arrival.path)] = (arrival.size, arrival.mtime_ns)
@@ -189,14 +215,46 @@ class PollSource:
         pass
 
 
-class WatchdogSource:
-    """Filesystem events from watchdog (inotify on Linux); its thread only queues paths."""
+def folder_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of a folder, None when it is not there: a folder deleted and created
+    again under the same name is another folder, and an inotify watch on the old one is dead."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
 
-    def __init__(self, root: Path, recursive: bool, rescan_s: float = 30.0, clock: Clock = time.monotonic) -> None:
+
+class WatchdogSource:
+    """Filesystem events from watchdog (inotify on Linux); its thread only queues paths.
+
+    Every ``check_s`` seconds of ``clock`` the source checks that its watch still hears the
+    folder (watchdog's emitter is alive and the folder's identity is the one it was armed on):
+    after ``rm -rf in && mkdir in`` or ``mv in old && mkdir in`` the old watch hears nothing, so the
+    source logs it, arms a new one and has the folder rescanned (files written meanwhile are
+    found). A folder that is gone is logged once and waited for.
+    """
+
+    def __init__(self, root: Path, recursive: bool, rescan_s: float = 30.0, clock: Clock = time.monotonic,
+                 check_s: float = 1.0) -> None:
+        self.root, self.recursive = Path(root), recursive
+        self.clock, self.check_s = clock, float(check_s)
+        self._queue: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._observer = None
+        self._armed_on = self._arm()
+        self._next_check = clock() + self.check_s
+        self._said_gone = False
+        self._seen = 0
+        self._rescan = PollSource(rescan_s, clock)
+
+    def _arm(self) -> tuple[int, int] | None:
+        """Start an observer on the folder as it is now; its identity (None: not there, no observer)."""
         from watchdog.events import FileSystemEventHandler
         from watchdog.observers import Observer
 
-        self._queue: queue.SimpleQueue[str] = queue.SimpleQueue()
+        identity = folder_identity(self.root)
+        if identity is None:
+            return None
         q = self._queue
 
         class Handler(FileSystemEventHandler):
@@ -205,15 +263,49 @@ class WatchdogSource:
                     return
                 q.put(getattr(event, "dest_path", "") or event.src_path)
 
-        self._observer = Observer()
-        self._observer.schedule(Handler(), str(root), recursive=recursive)
-        self._observer.daemon = True
-        self._observer.start()
-        self._seen = 0
-        self._rescan = PollSource(rescan_s, clock)
+        observer = Observer()
+        observer.schedule(Handler(), str(self.root), recursive=self.recursive)
+        observer.daemon = True
+        observer.start()
+        self._observer = observer
+        return identity
+
+    def _alive(self) -> bool:
+        """watchdog stops a folder's emitter when the folder is deleted (IN_DELETE_SELF); checked as
+        well as the identity because a new folder often gets the old one's inode number."""
+        return self._observer is not None and all(e.is_alive() for e in self._observer.emitters)
+
+    def _disarm(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+            self._observer = None
+
+    def _check_folder(self, tracker: ArrivalTracker) -> None:
+        """Re-arm on a replaced folder (docs/watch.md, "What happens when")."""
+        now = self.clock()
+        if now < self._next_check:
+            return
+        self._next_check = now + self.check_s
+        current = folder_identity(self.root)
+        if current is not None and current == self._armed_on and self._alive():
+            return
+        self._disarm()
+        self._armed_on = None
+        if current is None:
+            if not self._said_gone:
+                log.warning("watched folder %s is gone; waiting for it to come back", self.root)
+                self._said_gone = True
+            return
+        self._armed_on = self._arm()
+        self._said_gone = False
+        log.warning("watched folder %s was deleted and created again: inotify re-armed on the new folder, "
+                    "which is scanned now", self.root)
+        tracker.scan()
 
     def poll(self, tracker: ArrivalTracker) -> None:
         self._rescan.poll(tracker)  # a slow rescan as a safety net (inotify queue overflow)
+        self._check_folder(tracker)
         while True:
             try:
                 path = self._queue.get_nowait()
@@ -225,5 +317,4 @@ class WatchdogSource:
                 tracker.prune_handled()
 
     def close(self) -> None:
-        self._observer.stop()
-        self._observer.join(timeout=5)
+        self._disarm()

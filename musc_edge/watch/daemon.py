@@ -12,6 +12,12 @@ Time is a parameter (STYLE.md): the daemon stamps results with ``wall_clock`` an
 ``tick``, so a test can drive the loop step by step on a :class:`musc_edge.watch.clock.FakeClock`;
 :meth:`WatchDaemon.run` is that loop with real waits between idle ticks.
 
+What the line throws at it (docs/watch.md, "What happens when"): a file the OS will not let us read
+is retried with backoff, never skipped for good; an exact copy of an image in the pool or already
+reported is recognised by its SHA-256 and not scored against itself; a full disk under OUTDIR
+pauses the daemon with one line instead of ending it, and the next try starts from the durable
+state exactly as a restart would; a heatmap that cannot be written is noted in its result line.
+
 Signals: SIGINT / SIGTERM set a stop flag; the image being added is finished and committed, then
 :meth:`WatchDaemon.run` returns (exit 0). Unprocessed files are not journaled and are picked up on
 the next start.
@@ -19,6 +25,8 @@ the next start.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import logging
 import signal
 import threading
@@ -41,7 +49,10 @@ from musc_edge.core.params import DEFAULT_PARAMS, MuscParams
 from musc_edge.core.types import Features
 from musc_edge.datasets import reference_images
 
-from .journal import StateDir
+from .copies import ContentIndex
+from .heatmaps import HeatmapStore
+from .journal import EntryError, StateDir
+from .paths import json_path, own_folders, readable
 from .sinks import Backoff, Dispatcher, Sink, check_names
 from musc_edge.core.window import Emission, Entry, RollingScorer, check_stream_settings
 
@@ -61,6 +72,10 @@ class Extractor(Protocol):
 #: the pool's size, so a small --window works without also lowering --min-pool).
 DEFAULT_MIN_POOL = 8
 
+#: OS errors that mean "the disk under OUTDIR is full" (a quota counts): the daemon waits for space.
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
 @dataclass(frozen=True)
 class WatchConfig:
     """Settings of one watch run; the CLI flags of ``musc-edge watch`` map onto these fields."""
@@ -73,12 +88,14 @@ class WatchConfig:
     reference: Path | None = None
     threshold: float | None = None
     heatmaps: bool = False
+    keep_heatmaps: int | None = None  #: --keep-heatmaps: keep the newest N overlays (None: all)
     poll: bool = False
     poll_interval_s: float = 1.0
     new_only: bool = False
     recursive: bool = False
     stable_s: float = 0.5
     batch: int = 8
+    max_file_bytes: int | None = None  #: --max-file-size (None: the runtime's limit, 256 MiB)
     params: MuscParams = DEFAULT_PARAMS
     mem_budget_bytes: int | None = None  #: the pool's memory budget (None: a share of what is available)
     score_device: str = "cpu"  #: where the pool lives and scores: cpu, cuda (CuPy) or auto
@@ -87,6 +104,10 @@ class WatchConfig:
     sink_retry_s: float = 1.0  #: first delay before a failed sink is tried again; doubles per failure
     sink_retry_max_s: float = 60.0  #: the longest delay between tries of a failed sink
     sink_drain_s: float = 5.0  #: how long a stop waits for the sinks to deliver what is committed
+    read_retry_s: float = 1.0  #: first delay before a file the OS would not let us read is tried again
+    read_retry_max_s: float = 60.0  #: the longest delay between tries of such a file
+    disk_retry_s: float = 1.0  #: first delay before writing to a full disk is tried again
+    disk_retry_max_s: float = 60.0  #: the longest delay between tries on a full disk
 
 
 @dataclass
@@ -97,6 +118,7 @@ class WatchSummary:
     reported: int = 0
     skipped: int = 0
     replayed: int = 0
+    copies: int = 0  #: exact copies of pool or reported images, not scored
 
 
 def _describe(meta: ModelMeta) -> str:
@@ -106,6 +128,47 @@ def _describe(meta: ModelMeta) -> str:
 
 def iso_time(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True)
+class _Read:
+    """A file read, hashed and decoded: the backbone input, the original (h, w), the SHA-256."""
+
+    arrival: Arrival
+    x: np.ndarray
+    hw: tuple[int, int]
+    digest: bytes
+
+
+class _DiskWait:
+    """A full disk under OUTDIR: one log line per outage, retries with backoff on ``clock``."""
+
+    def __init__(self, backoff: Backoff, clock: Clock) -> None:
+        self.backoff, self.clock = backoff, clock
+        self.failures = 0
+        self.retry_at: float | None = None
+        self._started = 0.0
+
+    def due(self) -> bool:
+        return self.retry_at is None or self.clock() >= self.retry_at
+
+    def failed(self, describe: Callable[[float], str]) -> None:
+        now = self.clock()
+        self.failures += 1
+        delay = self.backoff.delay(self.failures)
+        self.retry_at = now + delay
+        if self.failures == 1:  # once per outage, like a failing sink
+            self._started = now
+            log.error("%s", describe(delay))
+        else:
+            log.info("disk still full (try %d); next try in %.0f s", self.failures, delay)
+
+    def committed(self) -> None:
+        """A commit went through: the outage, if any, is over."""
+        if self.failures:
+            log.warning("disk space is back after %d failed tries (%.1f s): committed again, scoring goes on",
+                        self.failures, self.clock() - self._started)
+            self.failures, self.retry_at = 0, None
 
 
 class WatchDaemon:
@@ -143,6 +206,17 @@ class WatchDaemon:
                    else int(self.device.free_bytes() * DEFAULT_SHARE),
                    what=f"--window {config.window}", reserved_slots=len(self.references))
         self.settings = self._settings([str(p.resolve()) for p in self.references])
+        # OUTDIR may hold the watched folder (--out /data/line1 for /data/line1/incoming): then only
+        # what we write is left out, not every file (docs/watch.md, "What happens when")
+        self.exclude = own_folders(config.folder, config.out_dir,
+                                   [s.folder for s in self.sinks if isinstance(getattr(s, "folder", None), Path)])
+        self.heatmaps = (HeatmapStore(Path(config.out_dir) / "heatmaps", config.keep_heatmaps) if config.heatmaps
+                         else None)
+        self._copies = ContentIndex()
+        self._tracker: ArrivalTracker | None = None  # None: the state must be (re)opened first
+        self._read_failures: dict[Path, int] = {}
+        self._read_backoff = Backoff(config.read_retry_s, config.read_retry_max_s)
+        self._disk = _DiskWait(Backoff(config.disk_retry_s, config.disk_retry_max_s), clock)
 
     # ------------------------------------------------------------------------------------ setup
     def _settings(self, references: Sequence[str]) -> dict:
@@ -158,65 +232,127 @@ class WatchDaemon:
 
     def _open(self, state: StateDir) -> None:
         """Load saved state (checking it fits this model and these settings) or start afresh."""
-        settings, refs = self.settings, self.references
         saved = state.load_state()
         if saved is None:
-            self.scorer = self._new_scorer(len(refs))
-            self.next_seq = 0
-            self.since_ns = int(self.wall_clock() * 1e9) if self.config.new_only else None
-            self._add_references(state, refs)
-            self._commit(state)
+            self._start_fresh(state)
             return
+        self._check_saved(state, saved)
+        self.scorer = self._new_scorer(len(self.references))
+        self.next_seq = int(saved["next_seq"])
+        self.since_ns = saved.get("since_ns")
+        window = saved["window"]
+        entries = self._load_entries(state, window["references"] + window["stream"])
+        self.scorer.restore(window, entries)
+        for seq, entry in entries.items():
+            self._copies.add_hex(entry.info.get("sha256"), seq, entry.info.get("path", ""), pinned=seq < 0)
+        log.info("resumed %s: %d images in the pool, %d pending, next seq %d", state.dir,
+                 len(self.scorer.pool), len(self.scorer.pending), self.next_seq)
+
+    def _check_saved(self, state: StateDir, saved: dict) -> None:
         saved_meta = ModelMeta.from_dict(saved["meta"], source=str(state.state_path))
         if not saved_meta.compatible_with(self.meta):
             raise StateError(f"{state.dir} was made with model {_describe(saved_meta)}, not "
                              f"{_describe(self.meta)}; use that model, or another --out for a new pool")
+        settings = self.settings
         changed = [k for k, v in settings.items() if saved["settings"].get(k) != v]
         if changed:
             diff = "; ".join(f"{k}: saved {saved['settings'].get(k)}, now {settings[k]}" for k in changed)
             raise StateError(f"{state.dir} was made with other settings ({diff}); use the same "
                              "settings, or another --out for a new pool")
-        self.scorer = self._new_scorer(len(refs))
-        self.next_seq = int(saved["next_seq"])
-        self.since_ns = saved.get("since_ns")
-        window = saved["window"]
-        entries = {s: state.load_entry(s) for s in window["references"] + window["stream"]}
-        self.scorer.restore(window, entries)
-        log.info("resumed %s: %d images in the pool, %d pending, next seq %d", state.dir,
-                 len(self.scorer.pool), len(self.scorer.pending), self.next_seq)
+
+    def _start_fresh(self, state: StateDir) -> None:
+        """A new pool. Its seqs go on after the last one in results.jsonl: a state moved away "to
+        start afresh" next to a kept results.jsonl must not reuse seqs, which would be dropped as
+        already reported (docs/watch.md, "What happens when")."""
+        self.scorer = self._new_scorer(len(self.references))
+        self.next_seq = state.last_reported + 1
+        self.since_ns = int(self.wall_clock() * 1e9) if self.config.new_only else None
+        state.drop_entries_except(set())  # entries of an earlier state are not this pool's
+        if self.next_seq:
+            log.warning("%s holds no saved state but %s ends at seq %d: a new pool, numbered from %d; images "
+                        "already reported there are recognised by their content and not reported again",
+                        state.dir, state.results_path, state.last_reported, self.next_seq)
+        self._add_references(state, self.references)
+        self._commit(state)
+
+    @staticmethod
+    def _load_entries(state: StateDir, seqs: Sequence[int]) -> dict[int, Entry]:
+        try:
+            return {s: state.load_entry(s) for s in seqs}
+        except EntryError as e:
+            raise StateError(f"{e}: the pool cannot be rebuilt without it. Move {state.dir} away to start a "
+                             "new pool: numbering goes on after the last seq in results.jsonl, and images "
+                             "already reported are recognised by their content and not reported again") from None
 
     def _add_references(self, state: StateDir, refs: list[Path]) -> None:
         """Reference images get seqs -R..-1: in the pool, never reported, never evicted."""
+        from musc_edge.runtime.preprocess import input_from_bytes, read_image_file
+
         for i, path in enumerate(refs):
             try:
-                x, _ = self._load(path)
+                data = read_image_file(path, max_bytes=self.config.max_file_bytes)
+                x, _ = input_from_bytes(data, self.meta, name=str(path))
             except ImageDecodeError as e:
                 raise InputError(f"reference image cannot be used: {e}; remove it from {self.config.reference}") from None
             feats = self.model(x[None])
             seq = i - len(refs)
+            digest = hashlib.sha256(data).digest()
             entry = self.scorer.pool.prepare(seq, [t[0] for t in feats.tokens], feats.embedding[0],
-                                             info={"path": str(path)})
+                                             info={"path": str(path), "sha256": digest.hex()})
             state.save_entry(entry)
             self.scorer.add_reference(entry)
+            self._copies.add(digest, seq, str(path), pinned=True)
         if refs:
             log.info("%d reference images seed the pool", len(refs))
 
-    def _load(self, path: Path) -> tuple[np.ndarray, tuple[int, int]]:
-        from musc_edge.runtime.preprocess import load_input
+    def _resume(self, state: StateDir, *, reread: bool) -> None:
+        """Open the state, finish an interrupted image, and track the folder from what is durable.
 
-        return load_input(path, self.meta)
+        Run at the start and again after a full disk (``reread``: results.jsonl is read again, a
+        line torn by the failed write cut off): whatever a failed write left in memory, the files
+        on disk are the truth, exactly as after a crash and a restart.
+        """
+        if reread:
+            state.refresh()
+        self._copies = ContentIndex()
+        self._open(state)
+        self._replay(state)
+        state.drop_entries_except(set(self.scorer.pool.seqs))
+        for sha256, seq, path in state.reported:
+            self._copies.add_hex(sha256, seq, path)
+        tracker = ArrivalTracker(self.config.folder, recursive=self.config.recursive, stable_s=self.config.stable_s,
+                                 exclude=self.exclude, since_ns=self.since_ns, clock=self.clock,
+                                 wall_clock=self.wall_clock)
+        self._load_journal(state, tracker)
+        tracker.scan()
+        self._tracker = tracker
+
+    def _replay(self, state: StateDir) -> None:
+        """An entry with seq ``next_seq`` was written before a crash: apply it (no backbone)."""
+        if state.has_entry(self.next_seq):
+            try:
+                entry = state.load_entry(self.next_seq)
+            except EntryError as e:  # never committed: nothing refers to it, the image is still a file
+                log.warning("%s; it was never committed, so it is dropped and its image read again", e)
+                state.delete_entry(self.next_seq)
+            else:
+                self._apply(state, entry, None)
+                self.summary.replayed += 1
+        if self.next_seq <= state.last_reported:  # results.jsonl is ahead of the state: never reuse a seq
+            self.next_seq = state.last_reported + 1
 
     # ------------------------------------------------------------------------------------ steps
     def _commit(self, state: StateDir) -> None:
         state.save_state({"meta": self.meta.to_dict(), "settings": self.settings,
                           "next_seq": self.next_seq, "since_ns": self.since_ns,
                           "window": self.scorer.state()})
+        self._disk.committed()
 
     def _apply(self, state: StateDir, entry: Entry, tracker: ArrivalTracker | None) -> None:
         """Add a durable entry: push, report, journal, commit, drop the evicted entry."""
         leaving = self.scorer.evictee()
         emissions = self.scorer.push(entry)
-        lines = [self._line(e, state) for e in emissions if e.seq > state.last_reported]
+        lines = [self._line(e) for e in emissions if e.seq > state.last_reported]
         self.summary.reported += state.report(lines)
         info = entry.info
         state.journal({"seq": entry.seq, "path": info["path"], "size": info["size"],
@@ -227,67 +363,168 @@ class WatchDaemon:
             self._dispatcher.notify()
         if leaving is not None:
             state.delete_entry(leaving)
+        self._copies.add_hex(info.get("sha256"), entry.seq, info["path"])
         if tracker is not None:
             tracker.handled[info["path"]] = (info["size"], info["mtime_ns"])
 
-    def _line(self, e: Emission, state: StateDir) -> dict:
-        line = {"seq": e.seq, "path": e.info["path"], "arrival_time": e.info["arrival_time"],
+    def _line(self, e: Emission) -> dict:
+        line = {"seq": e.seq, **json_path("path", e.info["path"]), "arrival_time": e.info["arrival_time"],
                 "scoring_time": iso_time(self.wall_clock()), "image_score": round(e.image_score, 7),
                 "raw_score": round(e.raw_score, 7), "pool_size": e.pool_size}
+        if "sha256" in e.info:
+            line["sha256"] = e.info["sha256"]
         if self.config.threshold is not None:
             # On the raw score: RsCIN min-max normalises within each window (MUSC_SPEC 5), so the
             # top image of every window scores near 1, defective or not.
             line["verdict"] = "anomalous" if e.raw_score >= self.config.threshold else "good"
-        if self.config.heatmaps:
-            line["heatmap"] = self._write_heatmap(e, state)
+        if self.heatmaps is not None:
+            path, error = self.heatmaps.write(e.seq, e.info["path"], lambda: self._overlay(e))
+            line.update(json_path("heatmap", path) if path is not None else {"heatmap": None})
+            if error is not None:
+                line["heatmap_error"] = error
         return line
 
-    def _write_heatmap(self, e: Emission, state: StateDir) -> str | None:
+    def _overlay(self, e: Emission) -> np.ndarray:
         """Overlay at the original size; colours scaled to the pool's map range (comparable)."""
-        from musc_edge.outputs import heatmap_overlay, write_png
+        from musc_edge.outputs import heatmap_overlay
         from musc_edge.runtime.preprocess import decode_image
         from musc_edge.core.scorer import upsample_map
 
-        path = state.out_dir / "heatmaps" / f"{e.seq:08d}_{Path(e.info['path']).stem}.png"
-        try:
-            image = decode_image(e.info["path"])
-        except ImageDecodeError as err:  # vanished since it was scored
-            log.warning("no heatmap for %s: %s", e.info["path"], err)
-            return None
+        image = decode_image(e.info["path"], max_bytes=self.config.max_file_bytes)  # may have vanished: raises
         amap = upsample_map(e.patch_map[None], image.shape[:2])[0]
-        write_png(path, heatmap_overlay(image, amap, *e.map_range))
-        return str(path.absolute())  # like "path": usable from any working directory
+        return heatmap_overlay(image, amap, *e.map_range)
+
+    def _score(self, state: StateDir, tracker: ArrivalTracker, ready: list[Arrival]) -> None:
+        """Score what is ready, a batch at a time (stopping between images)."""
+        for start in range(0, len(ready), self.config.batch):
+            if self.stop.is_set():
+                break
+            self._process(state, tracker, ready[start:start + self.config.batch])
 
     def _process(self, state: StateDir, tracker: ArrivalTracker, arrivals: list[Arrival]) -> None:
-        """Decode, extract features in one batch, then add the images one by one."""
-        inputs, kept = [], []
-        for a in arrivals:
-            try:
-                x, hw = self._load(a.path)
-            except ImageDecodeError as e:
-                self._skip(state, tracker, a, str(e))
-                continue
-            inputs.append(x)
-            kept.append((a, hw))
-        if not inputs:
+        """Read and decode, extract features in one batch, then add the images one by one."""
+        kept = [r for r in (self._read(state, tracker, a) for a in arrivals) if r is not None]
+        if not kept:
             return
-        feats = self.model(np.stack(inputs))
-        for i, (a, hw) in enumerate(kept):
+        feats = self.model(np.stack([r.x for r in kept]))
+        for i, r in enumerate(kept):
             if self.stop.is_set():
                 return  # not journaled: picked up on the next start
+            if self._is_copy(state, tracker, r.arrival, r.digest):  # of an image earlier in this batch
+                continue
+            a = r.arrival
             info = {"path": str(a.path), "arrival_time": iso_time(a.arrived), "size": a.size,
-                    "mtime_ns": a.mtime_ns, "height": hw[0], "width": hw[1]}
+                    "mtime_ns": a.mtime_ns, "height": r.hw[0], "width": r.hw[1], "sha256": r.digest.hex()}
             entry = self.scorer.prepare(self.next_seq, [t[i] for t in feats.tokens], feats.embedding[i], info)
             state.save_entry(entry)
             self._apply(state, entry, tracker)
             self.summary.scored += 1
 
+    def _read(self, state: StateDir, tracker: ArrivalTracker, a: Arrival) -> _Read | None:
+        """Read, hash and decode one file; None when it is skipped, deferred or a copy."""
+        from musc_edge.runtime.preprocess import FileReadError, input_from_bytes, read_image_file
+
+        try:
+            data = read_image_file(a.path, max_bytes=self.config.max_file_bytes)
+        except FileReadError as e:
+            if e.errno == errno.ENOENT:  # vanished since it was seen: nothing to wait for
+                self._skip(state, tracker, a, str(e))
+            else:
+                self._retry_later(tracker, a, e)
+            return None
+        except ImageDecodeError as e:  # what the file holds: final until the file changes
+            self._skip(state, tracker, a, str(e))
+            return None
+        self._readable_again(a)
+        digest = hashlib.sha256(data).digest()
+        if self._is_copy(state, tracker, a, digest):
+            return None
+        try:
+            x, hw = input_from_bytes(data, self.meta, name=str(a.path))
+        except ImageDecodeError as e:
+            self._skip(state, tracker, a, str(e))
+            return None
+        return _Read(a, x, hw, digest)
+
+    def _retry_later(self, tracker: ArrivalTracker, a: Arrival, error: Exception) -> None:
+        """A read the OS refused (EACCES, EIO, ESTALE...) passes: try again with backoff, never journal it."""
+        failures = self._read_failures.get(a.path, 0) + 1
+        self._read_failures[a.path] = failures
+        delay = self._read_backoff.delay(failures)
+        tracker.defer(a, delay)
+        if failures == 1:
+            log.warning("%s; not skipped: trying again in %.0f s, then with backoff up to %.0f s until it can be read",
+                        readable(str(error)), delay, self._read_backoff.max_s)
+        else:
+            log.info("%s (try %d); next try in %.0f s", readable(str(error)), failures, delay)
+
+    def _readable_again(self, a: Arrival) -> None:
+        failures = self._read_failures.pop(a.path, 0)
+        if failures:
+            log.warning("%s can be read again after %d failed tries", readable(a.path), failures)
+
+    def _is_copy(self, state: StateDir, tracker: ArrivalTracker, a: Arrival, digest: bytes) -> bool:
+        """An exact copy (the same bytes) of a pool or reported image: journaled as a skip with
+        ``duplicate_of``, logged, not scored (it would match itself) and not added to the pool."""
+        hit = self._copies.get(digest)
+        if hit is None:
+            return False
+        seq, original = hit
+        self.summary.copies += 1
+        tracker.mark_handled(a)
+        if original == str(a.path):  # touched, or a lost journal: the very file that was reported
+            log.info("%s: unchanged content, already scored as seq %d; not scored again", readable(a.path), seq)
+            reason = f"unchanged content, already scored as seq {seq}"
+        else:
+            log.warning("%s is an exact copy of seq %d (%s): not scored (it would match itself in the pool) and "
+                        "not added to the pool", readable(a.path), seq, readable(original))
+            reason = f"an exact copy of seq {seq} ({readable(original)})"
+        state.journal({"skip": str(a.path), "size": a.size, "mtime_ns": a.mtime_ns, "reason": reason,
+                       "duplicate_of": seq})
+        return True
+
     def _skip(self, state: StateDir, tracker: ArrivalTracker, a: Arrival, reason: str) -> None:
-        log.warning("skipped: %s", reason)
+        log.warning("skipped: %s", readable(reason))
         self.summary.skipped += 1
         tracker.mark_handled(a)
         if a.path.exists():  # remembered: not retried unless the file changes
             state.journal({"skip": str(a.path), "size": a.size, "mtime_ns": a.mtime_ns, "reason": reason})
+
+    # ------------------------------------------------------------------------------------ disk full
+    def _guarded(self, step: Callable[[], None]) -> bool:
+        """Run a step that writes under OUTDIR; a full disk pauses the daemon instead of ending it.
+
+        Nothing is lost: what was not committed is redone from the durable state at the next try
+        (:meth:`_resume`, as after a crash), and new files wait in the folder. False: it failed.
+        """
+        try:
+            step()
+        except OSError as e:
+            if e.errno not in DISK_FULL:
+                raise
+            self._tracker = None
+            self._disk.failed(lambda delay: self._disk_full_message(e, delay))
+            return False
+        return True
+
+    def _disk_full_message(self, e: OSError, delay: float) -> str:
+        """One line: the folder, what it needs, that nothing is lost, when the next try is."""
+        c = self.config
+        size = self._entry_bytes()
+        per_image = f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{max(1, round(size / 1e3))} kB"
+        also = (", plus its heatmap; --keep-heatmaps N keeps only the newest N" if c.heatmaps else "")
+        where = f" ({readable(e.filename)})" if e.filename else ""
+        return (f"no space left on the disk of {readable(c.out_dir)}{where}: each image needs about "
+                f"{per_image} there (its pool entry{also}); free some space. Nothing is lost: new files wait "
+                f"in {readable(c.folder)} and scoring resumes by itself; next try in {delay:.0f} s")
+
+    def _entry_bytes(self) -> int:
+        """What one image's entry takes on disk (docs/watch.md, "State and crash safety")."""
+        m, c = self.meta, self.config
+        patches = m.grid ** 2
+        tokens = 4 * sum((1 + patches) * d for d in m.token_dims)
+        rows = 8 * (c.window + len(self.references) - 1) * len(m.token_dims) * len(c.params.r_list) * patches
+        return tokens + rows + 4 * m.embed_dim + 4096  # + the embedding and the npz's headers and info
 
     # ------------------------------------------------------------------------------------ run
     def run(self) -> WatchSummary:
@@ -309,22 +546,14 @@ class WatchDaemon:
         restore_signals = self._install_signals()
         source: Source | None = None
         try:
-            self._open(state)
-            if state.has_entry(self.next_seq):  # crashed after the entry was written: finish it
-                self._apply(state, state.load_entry(self.next_seq), None)
-                self.summary.replayed += 1
-            state.drop_entries_except(set(self.scorer.pool.seqs))
+            root = Path(c.folder).resolve()
+            # the source first: a file that lands while the state opens is nominated by it
+            source = PollSource(c.poll_interval_s, self.clock) if c.poll else WatchdogSource(root, c.recursive,
+                                                                                             clock=self.clock)
+            self._guarded(lambda: self._resume(state, reread=False))
             self._start_sinks(state)
-            tracker = ArrivalTracker(c.folder, recursive=c.recursive, stable_s=c.stable_s,
-                                     exclude=[c.out_dir], since_ns=self.since_ns,
-                                     clock=self.clock, wall_clock=self.wall_clock)
-            self._load_journal(state, tracker)
-            source = (PollSource(c.poll_interval_s, self.clock) if c.poll
-                      else WatchdogSource(tracker.root, c.recursive, clock=self.clock))
-            tracker.scan()
-            log.info("watching %s (%s); results in %s", tracker.root, "poll" if c.poll else "inotify",
-                     state.results_path)
-            yield lambda: self._tick(state, source, tracker)
+            log.info("watching %s (%s); results in %s", root, "poll" if c.poll else "inotify", state.results_path)
+            yield lambda: self._tick(state, source)
         finally:
             if source is not None:
                 source.close()
@@ -334,15 +563,15 @@ class WatchDaemon:
             restore_signals()
             state.close()
 
-    def _tick(self, state: StateDir, source: Source, tracker: ArrivalTracker) -> bool:
-        """Poll the source, then score what is ready, a batch at a time (stopping between images)."""
+    def _tick(self, state: StateDir, source: Source) -> bool:
+        """Poll the source, then score what is ready; after a full disk, first reopen the state."""
+        if self._tracker is None:
+            if not self._disk.due() or not self._guarded(lambda: self._resume(state, reread=True)):
+                return False
+        tracker = self._tracker
         source.poll(tracker)
         ready = tracker.ready()
-        for start in range(0, len(ready), self.config.batch):
-            if self.stop.is_set():
-                break
-            self._process(state, tracker, ready[start:start + self.config.batch])
-        return bool(ready)
+        return self._guarded(lambda: self._score(state, tracker, ready)) and bool(ready)
 
     def _start_sinks(self, state: StateDir) -> None:
         """One thread per sink, catching up from results.jsonl by its saved seq."""
@@ -356,10 +585,19 @@ class WatchDaemon:
         log.info("sinks: %s", ", ".join(s.name for s in self.sinks))
 
     def _load_journal(self, state: StateDir, tracker: ArrivalTracker) -> None:
-        """Fill the tracker's memory of handled files; compact the journal to files that exist."""
+        """Fill the tracker's memory of handled files; compact the journal to files that exist.
+
+        A lost journal is no longer dangerous: the files it knew are recognised by their content
+        (results.jsonl and the pool's entries keep their SHA-256) and not reported again.
+        """
+        if not state.has_journal and (state.last_reported >= 0 or len(self.scorer.pool) > len(self.references)):
+            log.warning("%s is missing: files already reported are recognised by their content (sha256 in %s) "
+                        "and not reported again; the others are scored", state.journal_path, state.results_path)
         records = state.journal_records(self.next_seq)
         live = []
         for r in records:
+            if _read_error_skip(r):
+                continue  # an older version journaled a refused read as final: retried now
             path = r.get("path") or r.get("skip")
             if Path(path).exists():
                 tracker.handled[path] = (int(r["size"]), int(r["mtime_ns"]))
@@ -377,6 +615,12 @@ class WatchDaemon:
 
         old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         return lambda: [signal.signal(s, h) for s, h in old.items()]
+
+
+def _read_error_skip(record: dict) -> bool:
+    """A skip an older version journaled for a read the OS refused (keyed on size and mtime, which
+    a chmod does not change, so the file was never looked at again)."""
+    return "skip" in record and "duplicate_of" not in record and ": cannot read file (" in record.get("reason", "")
 
 
 def _check_reference_outside(folder: Path, reference: Path | None, recursive: bool) -> None:

@@ -23,6 +23,11 @@ The daemon adds image k in this order: entry k, results lines, journal record, s
 == ``next_seq`` means the crash came after the entry was written: that image is replayed from its
 entry (no backbone needed) and only result lines with a seq above the file's highest are written,
 journal records of seq >= ``next_seq`` are ignored until written again.
+
+Around that protocol (docs/watch.md, "What happens when"): temporary files a ``kill -9`` left
+mid-write are removed on open; an entry that cannot be read is a one-line :class:`EntryError`
+naming the file and the way out; and results.jsonl, which outlives a state moved away or a lost
+journal, gives the last reported seq and the content hashes of the reported images.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ import io
 import json
 import logging
 import os
+import re
+import zipfile
 from pathlib import Path
 from typing import Iterable
 
@@ -41,9 +48,21 @@ from musc_edge.core.durable import atomic_write_bytes
 from musc_edge.core.errors import StateError
 from musc_edge.core.window import Entry
 
+from .paths import real_path
+
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+
+#: Reported images whose content hashes are read back at start (the newest ones), for the copy check.
+REPORTED_KEPT = 50_000
+
+#: What :func:`musc_edge.core.durable.atomic_write_bytes` names its temporary file: ``.{name}.XXXXXXXX.tmp``.
+_TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
+class EntryError(StateError):
+    """A pool entry in state/entries/ that cannot be read (truncated, garbled)."""
 
 
 # ----------------------------------------------------------------------------------------- primitives
@@ -98,6 +117,14 @@ def entry_to_bytes(entry: Entry) -> bytes:
 
 
 def entry_from_file(path: Path) -> Entry:
+    """Read an entry; any damage (a cut or garbled zip, a missing array) is an :class:`EntryError`."""
+    try:
+        return _read_entry(path)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise EntryError(f"{path} cannot be read ({type(e).__name__}: {e})") from None
+
+
+def _read_entry(path: Path) -> Entry:
     with np.load(path, allow_pickle=False) as f:
         n_layers = sum(1 for k in f.files if k.startswith("tokens_"))
         return Entry(seq=int(f["seq"]), tokens=tuple(f[f"tokens_{i}"] for i in range(n_layers)),
@@ -123,10 +150,34 @@ class StateDir:
         except BlockingIOError:
             self._lock.close()
             raise StateError(f"{self.out_dir} is in use by another musc-edge watch; stop it or pick another --out") from None
-        self.last_reported = max((int(r["seq"]) for r in read_jsonl(self.results_path, repair=True)), default=-1)
+        self.remove_temp_files()
+        self.last_reported = -1
+        self.reported: list[tuple[str, int, str]] = []
+        self.refresh()
 
     def close(self) -> None:
         self._lock.close()
+
+    def refresh(self) -> None:
+        """Read results.jsonl again, cutting a line torn by a crash or a full disk: the last reported
+        seq, and (sha256, seq, path) of the newest :data:`REPORTED_KEPT` lines that carry a hash."""
+        lines = read_jsonl(self.results_path, repair=True)
+        self.last_reported = max((int(r["seq"]) for r in lines), default=-1)
+        self.reported = [(r["sha256"], int(r["seq"]), real_path(r)) for r in lines[-REPORTED_KEPT:] if r.get("sha256")]
+
+    def remove_temp_files(self) -> int:
+        """Delete the temporary files of atomic writes cut short by a crash (under the lock, so no
+        writer of ours is running): ``state/``, its ``entries/`` and ``sinks/``, ``heatmaps/``."""
+        folders = [self.dir, self.entries_dir, self.dir / "sinks", self.out_dir / "heatmaps"]
+        removed = 0
+        for folder in folders:
+            for path in folder.glob(".*.tmp") if folder.is_dir() else ():
+                if _TEMP_NAME.fullmatch(path.name):
+                    path.unlink(missing_ok=True)
+                    removed += 1
+        if removed:
+            log.info("removed %d temporary files left by interrupted writes under %s", removed, self.out_dir)
+        return removed
 
     # state.json
     def load_state(self) -> dict | None:
@@ -156,11 +207,8 @@ class StateDir:
         atomic_write_bytes(self.entry_path(entry.seq), entry_to_bytes(entry), fsync=True)
 
     def load_entry(self, seq: int) -> Entry:
-        path = self.entry_path(seq)
-        try:
-            return entry_from_file(path)
-        except (OSError, ValueError, KeyError) as e:
-            raise StateError(f"{path} cannot be read ({e}); move {self.dir} away to start afresh") from None
+        """The entry of ``seq``; :class:`EntryError` (one line: the file, the cause) when damaged."""
+        return entry_from_file(self.entry_path(seq))
 
     def has_entry(self, seq: int) -> bool:
         return self.entry_path(seq).exists()
@@ -187,6 +235,10 @@ class StateDir:
 
     def journal(self, record: dict) -> None:
         append_durably(self.journal_path, [json.dumps(record)])
+
+    @property
+    def has_journal(self) -> bool:
+        return self.journal_path.exists()
 
     def journal_records(self, next_seq: int) -> list[dict]:
         """Committed journal records: skips, and processed files with seq < ``next_seq``."""

@@ -154,3 +154,38 @@ def test_window_over_the_memory_budget_is_refused_before_reading(tmp_path, capsy
     assert rc == 2 and len(err) == 1, err
     assert err[0].startswith("error: --window 100000 needs") and "the largest --window that fits is" in err[0]
     assert not (tmp_path / "out" / "results.jsonl").exists()
+
+
+@pytest.mark.parametrize("away", ["rm -rf", "mv"])
+def test_a_watched_folder_deleted_and_created_again_is_watched_again(tmp_path, model, caplog, away) -> None:
+    """`rm -rf in && mkdir in` (or `mv in old && mkdir in`): the inotify watch dies with (or follows)
+    the old folder; the daemon re-arms it within its folder check (1 s), not at the 30 s safety
+    rescan, and says so in the log."""
+    import shutil
+
+    cfg = config(tmp_path, min_pool=2)
+    for i in range(2):
+        write_png(cfg.folder / f"p{i}.png", part_image(i))
+    with ThreadedDaemon(cfg, model):
+        wait_for(lambda: len(results(cfg.out_dir)) == 2, what="the first images")
+        if away == "mv":
+            cfg.folder.rename(tmp_path / "old")
+        else:
+            shutil.rmtree(cfg.folder)
+        cfg.folder.mkdir()
+        time.sleep(0.05)
+        write_png(cfg.folder / "after.png", part_image(5))
+        wait_for(lambda: len(results(cfg.out_dir)) == 3, timeout=10, what="the image in the new folder")
+        write_png(cfg.folder / "later.png", part_image(6))  # inotify again, not a rescan
+        wait_for(lambda: len(results(cfg.out_dir)) == 4, timeout=5, what="an image written after the re-arm")
+    assert "was deleted and created again: inotify re-armed" in caplog.text
+    assert [Path(line["path"]).name for line in results(cfg.out_dir)][2:] == ["after.png", "later.png"]
+
+
+def test_new_flags_are_checked_where_they_enter(tmp_path, model, capsys) -> None:
+    (tmp_path / "in").mkdir()
+    base = ["watch", str(tmp_path / "in"), "--model", str(model.path), "--out", str(tmp_path / "out")]
+    assert main(base + ["--max-file-size", "lots"]) == 2
+    assert "--max-file-size expects a size such as 256MiB" in capsys.readouterr().err
+    assert main(base + ["--keep-heatmaps", "0"]) == 2
+    assert "--keep-heatmaps" in capsys.readouterr().err

@@ -74,3 +74,27 @@ def test_sigterm_finishes_and_exits_0(tmp_path) -> None:
     assert proc.returncode == 0, err
     assert "SIGTERM" in err and "stopped: 4 images scored, 4 reported" in err
     assert not (out_dir / "state" / ".state.json.tmp").exists()
+
+
+_DIE_INSIDE_AN_ENTRY_WRITE = """
+import os, signal, sys
+from pathlib import Path
+from musc_edge.core.durable import atomic_write_bytes
+os.replace = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)  # after the temp file, before the rename
+atomic_write_bytes(Path(sys.argv[1]) / "state" / "entries" / "000000000003.npz", b"x" * 2**20, fsync=True)
+"""
+
+
+def test_kill_9_inside_an_entry_write_leaves_a_temp_file_that_the_next_start_removes(tmp_path) -> None:
+    from musc_edge.watch.journal import StateDir
+
+    out = tmp_path / "out"
+    (out / "state" / "entries").mkdir(parents=True)
+    (out / "state" / "entries" / "notes.txt").write_text("not ours: stays")
+    proc = subprocess.run([sys.executable, "-c", _DIE_INSIDE_AN_ENTRY_WRITE, str(out)], capture_output=True)
+    assert proc.returncode == -signal.SIGKILL
+    leaked = list((out / "state" / "entries").glob(".*.tmp"))
+    assert len(leaked) == 1 and leaked[0].name.startswith(".000000000003.npz.")
+    StateDir(out).close()
+    assert not list((out / "state" / "entries").glob(".*.tmp"))
+    assert (out / "state" / "entries" / "notes.txt").exists()

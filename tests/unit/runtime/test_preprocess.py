@@ -205,3 +205,132 @@ def test_huge_images_are_refused(tmp_path, monkeypatch):
             decode_image(other)
     monkeypatch.setenv("MUSC_EDGE_MAX_PIXELS", "2000")
     assert decode_image(path).shape == (50, 40, 3)
+
+
+# ------------------------------------------------------------- what lands in a line folder (docs/watch.md)
+def test_a_huge_non_image_is_refused_from_its_first_bytes(tmp_path):
+    """A 64 MiB garbage x.jpg: refused after its header, without reading the file into memory."""
+    import tracemalloc
+
+    path = tmp_path / "x.jpg"
+    with open(path, "wb") as f:
+        f.truncate(64 * 2**20)  # sparse: no disk, but read whole it is 64 MiB of memory
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageDecodeError, match="not a jpg/png/bmp/tiff"):
+            decode_image(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 * 2**20, f"peak {peak / 2**20:.1f} MiB: the file was read before it was sniffed"
+
+
+def test_a_file_over_the_size_limit_is_refused_with_the_flag_to_raise(tmp_path, monkeypatch):
+    from musc_edge.runtime.preprocess import read_image_file
+
+    path = tmp_path / "big.png"
+    cv2.imwrite(str(path), textured(64, 64))
+    size = path.stat().st_size
+    with pytest.raises(ImageDecodeError, match=r"over the limit of .*--max-file-size"):
+        read_image_file(path, max_bytes=size - 1)
+    assert len(read_image_file(path, max_bytes=size)) == size
+    monkeypatch.setenv("MUSC_EDGE_MAX_FILE_BYTES", str(size - 1))
+    with pytest.raises(ImageDecodeError, match="MUSC_EDGE_MAX_FILE_BYTES"):
+        decode_image(path)  # the default limit applies to score as well
+
+
+def test_a_read_refused_by_the_os_is_a_file_read_error_with_its_errno(tmp_path, monkeypatch):
+    """Not the file's content: watch retries these instead of skipping the file for good."""
+    import builtins
+    import errno
+
+    from musc_edge.runtime.preprocess import FileReadError
+
+    path = tmp_path / "a.png"
+    cv2.imwrite(str(path), textured(8, 8))
+    real_open = builtins.open
+
+    def refusing(file, *args, **kwargs):
+        if str(file) == str(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing)
+    with pytest.raises(FileReadError, match="cannot read file .Permission denied") as info:
+        decode_image(path)
+    assert info.value.errno == errno.EACCES and isinstance(info.value, ImageDecodeError)
+
+
+def test_gif_is_refused_by_name_not_as_an_unknown_file(tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    path = tmp_path / "a.gif"
+    Image.fromarray(textured(8, 8)).save(path)
+    _one_line_error(path, "GIF images are not read.*save it as PNG")
+
+
+def test_a_multi_page_tiff_uses_page_1_and_says_so(tmp_path, caplog):
+    Image = pytest.importorskip("PIL.Image")
+    first, second = textured(12, 10, seed=1), textured(12, 10, seed=2)
+    path = tmp_path / "stack.tif"
+    Image.fromarray(first).save(path, save_all=True, append_images=[Image.fromarray(second)] * 2)
+    with caplog.at_level("WARNING", logger="musc_edge.runtime.preprocess"):
+        out = decode_image(path)
+    np.testing.assert_array_equal(out, first)
+    assert "a TIFF of 3 pages; only page 1 is scored" in caplog.text
+    caplog.clear()
+    single = tmp_path / "one.tif"
+    Image.fromarray(first).save(single)
+    with caplog.at_level("WARNING", logger="musc_edge.runtime.preprocess"):
+        decode_image(single)
+    assert "pages" not in caplog.text
+
+
+def test_12_bit_data_in_16_bits_is_scaled_by_its_depth_not_left_near_black(tmp_path):
+    values = np.array([[0, 4095, 2048, 16]], dtype=np.uint16)  # a Mono12 camera's range
+    path = tmp_path / "mono12.png"
+    assert cv2.imwrite(str(path), values)
+    np.testing.assert_array_equal(decode_image(path)[0, :, 0], [0, 255, 128, 1])
+
+
+def _with_sbit(png: bytes, bits: int) -> bytes:
+    """The PNG with an sBIT chunk (significant bits) right after IHDR, as some cameras write."""
+    import struct
+    import zlib
+
+    chunk = b"sBIT" + bytes([bits])
+    sbit = struct.pack(">I", 1) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    return png[:33] + sbit + png[33:]
+
+
+def test_the_bit_depth_a_png_declares_wins_over_the_guess(tmp_path):
+    values = np.array([[0, 1023, 512, 4095]], dtype=np.uint16)  # 10 significant bits; 4095 is clipped
+    ok, png = cv2.imencode(".png", values)
+    path = tmp_path / "mono10.png"
+    path.write_bytes(_with_sbit(png.tobytes(), 10))
+    np.testing.assert_array_equal(decode_image(path)[0, :, 0], [0, 255, 128, 255])
+
+
+def _with_exif(path, rgb: np.ndarray, orientation: int) -> None:
+    """Save ``rgb`` with an EXIF orientation tag, as a camera or phone does (Pillow writes it)."""
+    Image = pytest.importorskip("PIL.Image")
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    extra = {"quality": 100, "subsampling": 0} if path.suffix == ".jpg" else {}
+    Image.fromarray(rgb).save(path, exif=exif, **extra)
+
+
+@pytest.mark.parametrize("ext", ["jpg", "png", "tif"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_as_pillow_exif_transpose_does(tmp_path, ext, orientation):
+    """Maps and overlays then match what every viewer shows; the (h, w) returned is upright."""
+    Image = pytest.importorskip("PIL.Image")
+    ImageOps = pytest.importorskip("PIL.ImageOps")
+    rgb = textured(24, 40)
+    path = tmp_path / f"o{orientation}.{ext}"
+    _with_exif(path, rgb, orientation)
+    with Image.open(path) as im:
+        upright = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    ours = decode_image(path)
+    assert ours.shape == upright.shape
+    assert np.abs(ours.astype(int) - upright).max() <= (3 if ext == "jpg" else 0)  # jpg: two JPEG decoders
+    assert load_input(path, clip_meta(32))[1] == upright.shape[:2]
