@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from musc_edge.core.errors import InputError
+from musc_edge.core.params import DEFAULT_K, DEFAULT_R
 
 
 def parse_int_list(text: str, name: str) -> tuple[int, ...]:
@@ -40,9 +41,11 @@ device_option = click.option(
          "tensorrt that ONNX Runtime cannot start (no driver/CUDA/cuDNN) is an error; auto warns and falls back.")
 batch_option = click.option("--batch", default=8, show_default=True, type=click.IntRange(1, 1024),
                             help="Images per backbone batch.")
-r_option = click.option("--r", "r_list", default="1,3,5", show_default=True, callback=_int_list("--r"),
+r_option = click.option("--r", "r_list", default=",".join(map(str, DEFAULT_R)), show_default=True,
+                        callback=_int_list("--r"),
                         help="LNAMD aggregation degrees.")
-k_option = click.option("--k", "k_list", default="1,2,3", show_default=True, callback=_int_list("--k"),
+k_option = click.option("--k", "k_list", default=",".join(map(str, DEFAULT_K)), show_default=True,
+                        callback=_int_list("--k"),
                         help="RsCIN neighbourhood sizes (1,8,9 for VisA-like sets).")
 out_option = click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
                           help="Output folder (created if missing).")
