@@ -106,3 +106,21 @@ precision_option = click.option(
     "--precision", default="exact", show_default=True, type=click.Choice(["exact", "fast"]),
     help="exact: FP32 products, the CPU's numbers. fast (GPU only): FP16 tensor-core products choose each "
          "nearest patch, its distance is still FP32 (docs/scorer.md has the measured difference).")
+
+
+threshold_file_option = click.option(
+    "--threshold-file", "threshold_file", default=None, type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="threshold.json from `musc-edge threshold`: its value is the threshold on raw_score (not with "
+         "--threshold), and each result gets normalised_score (0.5 at the threshold; docs/line.md).")
+
+
+def read_threshold_file(path: Path | None, threshold: float | None):
+    """``--threshold-file`` read and checked against ``--threshold``: the Threshold, or None."""
+    if path is None:
+        return None
+    if threshold is not None:
+        raise InputError("give --threshold T or --threshold-file FILE, not both (the file holds the threshold)")
+    from musc_edge.core.threshold import read_threshold
+
+    return read_threshold(path)

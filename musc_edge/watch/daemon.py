@@ -52,8 +52,10 @@ from musc_edge.datasets import reference_images
 from .copies import ContentIndex
 from .heatmaps import HeatmapStore
 from .journal import EntryError, StateDir
+from .live import LiveStatus
 from .paths import json_path, own_folders, readable
 from .sinks import Backoff, Dispatcher, Sink, check_names
+from musc_edge.core.threshold import Threshold, normalised_score
 from musc_edge.core.window import Emission, Entry, RollingScorer, check_stream_settings
 
 log = logging.getLogger(__name__)
@@ -108,6 +110,17 @@ class WatchConfig:
     read_retry_max_s: float = 60.0  #: the longest delay between tries of such a file
     disk_retry_s: float = 1.0  #: first delay before writing to a full disk is tried again
     disk_retry_max_s: float = 60.0  #: the longest delay between tries on a full disk
+    http: tuple[str, int] | None = None  #: --http: (host, port) of the live page (docs/line.md); None: no server
+    http_token: str | None = None  #: the token every request to the page needs (a non-loopback bind must have one)
+    #: --threshold-file: the threshold with its scale; ``threshold`` is then its value, and each
+    #: result line carries ``normalised_score``
+    threshold_info: Threshold | None = None
+
+    def __post_init__(self) -> None:
+        if self.threshold_info is not None:
+            if self.threshold is not None and self.threshold != self.threshold_info.value:
+                raise InputError("give --threshold or --threshold-file, not both")
+            object.__setattr__(self, "threshold", float(self.threshold_info.value))
 
 
 @dataclass
@@ -175,12 +188,14 @@ class WatchDaemon:
     """One watch run over a folder. ``run()`` returns when ``stop`` is set (or on a signal).
 
     ``sinks`` receive every result after results.jsonl holds it (:mod:`musc_edge.watch.sinks`);
-    ``clock`` (monotonic) drives every wait, ``wall_clock`` every timestamp.
+    ``clock`` (monotonic) drives every wait, ``wall_clock`` every timestamp. ``status`` is what the
+    live page and /metrics read of this process (docs/line.md); with ``config.http`` the session
+    serves them.
     """
 
     def __init__(self, config: WatchConfig, model: Extractor, stop: threading.Event | None = None, *,
                  sinks: Sequence[Sink] = (), clock: Clock = time.monotonic,
-                 wall_clock: Clock = time.time) -> None:
+                 wall_clock: Clock = time.time, status: LiveStatus | None = None) -> None:
         self.config = config
         self.model = model
         self.meta = model.meta
@@ -217,6 +232,11 @@ class WatchDaemon:
         self._read_failures: dict[Path, int] = {}
         self._read_backoff = Backoff(config.read_retry_s, config.read_retry_max_s)
         self._disk = _DiskWait(Backoff(config.disk_retry_s, config.disk_retry_max_s), clock)
+        self.status = status if status is not None else LiveStatus()
+        self.status.update(model=self.meta.backbone, weights=self.meta.weights,
+                           device=str(getattr(model, "description", "")), window=config.window,
+                           min_pool=self.min_pool, references=len(self.references), threshold=config.threshold,
+                           model_loaded=True)
 
     # ------------------------------------------------------------------------------------ setup
     def _settings(self, references: Sequence[str]) -> dict:
@@ -347,11 +367,14 @@ class WatchDaemon:
                           "next_seq": self.next_seq, "since_ns": self.since_ns,
                           "window": self.scorer.state()})
         self._disk.committed()
+        self.status.update(pool_size=len(self.scorer.pool))
 
     def _apply(self, state: StateDir, entry: Entry, tracker: ArrivalTracker | None) -> None:
         """Add a durable entry: push, report, journal, commit, drop the evicted entry."""
         leaving = self.scorer.evictee()
+        t0 = time.perf_counter()
         emissions = self.scorer.push(entry)
+        self.status.observe("scoring", time.perf_counter() - t0)
         lines = [self._line(e) for e in emissions if e.seq > state.last_reported]
         self.summary.reported += state.report(lines)
         info = entry.info
@@ -377,6 +400,8 @@ class WatchDaemon:
             # On the raw score: RsCIN min-max normalises within each window (MUSC_SPEC 5), so the
             # top image of every window scores near 1, defective or not.
             line["verdict"] = "anomalous" if e.raw_score >= self.config.threshold else "good"
+        if self.config.threshold_info is not None:
+            line["normalised_score"] = round(normalised_score(e.raw_score, self.config.threshold_info), 7)
         if self.heatmaps is not None:
             path, error = self.heatmaps.write(e.seq, e.info["path"], lambda: self._overlay(e))
             line.update(json_path("heatmap", path) if path is not None else {"heatmap": None})
@@ -406,7 +431,9 @@ class WatchDaemon:
         kept = [r for r in (self._read(state, tracker, a) for a in arrivals) if r is not None]
         if not kept:
             return
+        t0 = time.perf_counter()
         feats = self.model(np.stack([r.x for r in kept]))
+        self.status.observe("features", time.perf_counter() - t0)
         for i, r in enumerate(kept):
             if self.stop.is_set():
                 return  # not journaled: picked up on the next start
@@ -486,6 +513,7 @@ class WatchDaemon:
     def _skip(self, state: StateDir, tracker: ArrivalTracker, a: Arrival, reason: str) -> None:
         log.warning("skipped: %s", readable(reason))
         self.summary.skipped += 1
+        self.status.skip()
         tracker.mark_handled(a)
         if a.path.exists():  # remembered: not retried unless the file changes
             state.journal({"skip": str(a.path), "size": a.size, "mtime_ns": a.mtime_ns, "reason": reason})
@@ -545,6 +573,7 @@ class WatchDaemon:
         state = StateDir(c.out_dir)
         restore_signals = self._install_signals()
         source: Source | None = None
+        server = None
         try:
             root = Path(c.folder).resolve()
             # the source first: a file that lands while the state opens is nominated by it
@@ -552,9 +581,12 @@ class WatchDaemon:
                                                                                              clock=self.clock)
             self._guarded(lambda: self._resume(state, reread=False))
             self._start_sinks(state)
+            server = self._start_server(state)
             log.info("watching %s (%s); results in %s", root, "poll" if c.poll else "inotify", state.results_path)
             yield lambda: self._tick(state, source)
         finally:
+            if server is not None:
+                server.close()
             if source is not None:
                 source.close()
             if self._dispatcher is not None:
@@ -571,7 +603,21 @@ class WatchDaemon:
         tracker = self._tracker
         source.poll(tracker)
         ready = tracker.ready()
-        return self._guarded(lambda: self._score(state, tracker, ready)) and bool(ready)
+        self.status.update(queue_length=len(ready) + tracker.watching + tracker.deferred)
+        scored = self._guarded(lambda: self._score(state, tracker, ready))
+        if self._tracker is tracker:
+            self.status.update(queue_length=tracker.watching + tracker.deferred)
+        return scored and bool(ready)
+
+    def _start_server(self, state: StateDir):
+        """The live page over results.jsonl and the status (docs/line.md), when --http is set."""
+        if self.config.http is None:
+            return None
+        from .http import LiveServer
+
+        host, port = self.config.http
+        return LiveServer(state.results_path, self.status, host=host, port=port,
+                          token=self.config.http_token).start()
 
     def _start_sinks(self, state: StateDir) -> None:
         """One thread per sink, catching up from results.jsonl by its saved seq."""

@@ -9,7 +9,7 @@ import click
 
 from musc_edge.cli.options import (batch_option, device_option, heatmaps_option, k_option, layout_options,
                                    mem_budget_option, model_option, out_option, precision_option, r_option,
-                                   score_device_option)
+                                   read_threshold_file, score_device_option, threshold_file_option)
 
 
 def _heatmap_scale(ctx: click.Context, param: click.Parameter, value: str) -> str | tuple[float, float]:
@@ -47,6 +47,7 @@ def _heatmap_scale(ctx: click.Context, param: click.Parameter, value: str) -> st
 @click.option("--threshold", type=float, default=None, metavar="T",
               help="Anomalous when the raw score (the map's maximum) is >= T, as in watch: adds a verdict "
                    "column to scores.csv, and the verdict and the contour of the map at T to the heatmaps.")
+@threshold_file_option
 @device_option
 @score_device_option
 @precision_option
@@ -67,7 +68,7 @@ def _heatmap_scale(ctx: click.Context, param: click.Parameter, value: str) -> st
 @mem_budget_option
 def score(data_dir: Path, model_path: Path, out_dir: Path, batch: int, r_list: tuple[int, ...],
           k_list: tuple[int, ...], gt: str, heatmaps: bool, heatmap_scale: str | tuple[float, float],
-          threshold: float | None, device: str, score_device: str, precision: str,
+          threshold: float | None, threshold_file: Path | None, device: str, score_device: str, precision: str,
           workers: int, quiet: bool,
           window: int | None, order: str, reference: Path | None, layout: str, normal_dir: str | None,
           abnormal_dir: str | None, mask_dir: str | None, mem_budget: int | None) -> None:
@@ -95,13 +96,47 @@ def score(data_dir: Path, model_path: Path, out_dir: Path, batch: int, r_list: t
     from musc_edge.core.params import MuscParams
     from musc_edge.score.folder import ScoreSettings, score_folder
 
+    threshold_info = read_threshold_file(threshold_file, threshold)
+    if threshold_info is not None:
+        threshold = threshold_info.value
+
     settings = ScoreSettings(batch_size=batch, params=MuscParams.of(r_list, None, k_list), gt=gt, heatmaps=heatmaps,
                              device=device, workers=workers, progress=not quiet, window=window, order=order,
                              reference=reference, layout=layout, normal_dir=normal_dir, abnormal_dir=abnormal_dir,
                              mask_dir=mask_dir, mem_budget_bytes=mem_budget, score_device=score_device,
                              precision=precision, threshold=threshold, heatmap_scale=heatmap_scale)
     result = score_folder(data_dir, model_path, out_dir, settings)
+    if threshold_info is not None:
+        _add_normalised(result.out_dir, threshold_info, threshold_file)
     click.echo(format_summary(result.run, result.metrics, result.out_dir, result.files))
+
+
+def _add_normalised(out_dir: Path, threshold_info, threshold_file: Path) -> None:
+    """--threshold-file: a ``normalised_score`` column after ``raw_score`` in scores.csv, and the
+    threshold used (value, scale, the file) in run.json."""
+    import csv
+    import json
+
+    from musc_edge.core.threshold import normalised_score
+    from musc_edge.outputs import write_csv, write_json
+
+    path = Path(out_dir) / "scores.csv"
+    with open(path, newline="", encoding="utf-8") as f:
+        table = list(csv.reader(f))
+    header, rows = table[0], table[1:]
+    i = header.index("raw_score") + 1
+    header.insert(i, "normalised_score")
+    for row in rows:
+        row.insert(i, float(normalised_score(float(row[i - 1]), threshold_info)))
+        row[i - 1] = float(row[i - 1])
+    write_csv(path, header, rows)
+    run_path = Path(out_dir) / "run.json"
+    if run_path.exists():
+        run = json.loads(run_path.read_text(encoding="utf-8"))
+        run["threshold_file"] = {"path": str(threshold_file), "value": threshold_info.value,
+                                 "scale": threshold_info.scale, "score": threshold_info.score,
+                                 "method": threshold_info.method}
+        write_json(run_path, run)
 
 
 def format_summary(run: dict, metrics: dict | None, out_dir: Path, files: dict[str, str]) -> str:
