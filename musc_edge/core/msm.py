@@ -30,7 +30,7 @@ import numpy as np
 from array_api_compat import array_namespace, is_numpy_namespace
 
 from .errors import InputError
-from .pairs import block_minima, interval_bounds, interval_mean
+from .pairs import block_minima, interval_bounds, interval_mean, lane_count
 from .params import DEFAULT_INTERVAL, MuscParams
 
 #: Largest product block (bytes) we aim for: big enough for BLAS to run at peak, small enough to
@@ -40,6 +40,15 @@ TARGET_BLOCK_BYTES = 32 << 20
 #: Images per row group: the diagonal group blocks multiply bI * bI pairs where bI*(bI-1)/2 are
 #: needed, so the wasted work is about bI / N of the total; small keeps that low.
 ROW_GROUP = 4
+
+#: The same two sizes for numpy when the pair kernel tiles its blocks (threadpoolctl present:
+#: :func:`musc_edge.core.pairs.run_tiles`). A block's products are then tiles of a few MB, one per
+#: thread at a time, and a diagonal block multiplies only its upper triangle, so a block is mostly
+#: bookkeeping: blocks as large as the budget allows mean few of them, each with tiles enough to
+#: keep every thread busy to its end. (Still counted at ``pair_block_bytes`` per pair, as if the
+#: whole block's product were held.)
+TILED_TARGET_BLOCK_BYTES = 256 << 20
+TILED_ROW_GROUP = 8
 
 #: The same two sizes for a GPU: a block must fill the device (thousands of rows and columns per
 #: product, one launch per step), and device memory is large, so both are larger.
@@ -90,8 +99,14 @@ def group_sizes(n: int, L: int, budget_for_block: int, *, gpu: bool = False) -> 
     holds all of its own images, so its self pairs are exactly the diagonal block's.
     """
     per_pair = pair_block_bytes(L)
-    target = min(GPU_TARGET_BLOCK_BYTES if gpu else TARGET_BLOCK_BYTES, budget_for_block)
-    bi = max(1, min(GPU_ROW_GROUP if gpu else ROW_GROUP, n, target // per_pair))
+    if gpu:
+        block, row_group = GPU_TARGET_BLOCK_BYTES, GPU_ROW_GROUP
+    elif lane_count()[1]:
+        block, row_group = TILED_TARGET_BLOCK_BYTES, TILED_ROW_GROUP
+    else:
+        block, row_group = TARGET_BLOCK_BYTES, ROW_GROUP
+    target = min(block, budget_for_block)
+    bi = max(1, min(row_group, n, target // per_pair))
     bj = max(bi, min(n, target // (per_pair * bi)))
     return bi, bj
 

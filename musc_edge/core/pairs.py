@@ -22,7 +22,10 @@ distances to the other images, sorted ascending, as one vectorised selection ove
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
+import threading
 from typing import Any
 
 from array_api_compat import array_namespace, is_cupy_namespace, is_numpy_namespace
@@ -111,9 +114,13 @@ def block_minima(zi: Any, zj: Any, *, want_cols: bool = True, diagonal: bool = F
     "other images".
     ``precision``: how the product that chooses the nearest patch is computed (:func:`product`);
     the chosen distance is recomputed in FP32 either way.
+    numpy arrays take a CPU path with the same numbers (:func:`_block_minima_numpy`: tiles on
+    BLAS's thread count); every other namespace runs the code below.
     """
     xp = array_namespace(zi, zj)
     chunk_bytes = recompute_chunk_bytes(xp) if chunk_bytes is None else int(chunk_bytes)
+    if is_numpy_namespace(xp):
+        return _block_minima_numpy(zi, zj, want_cols, diagonal, precision, chunk_bytes)
     bi, L, c = zi.shape
     bj = zj.shape[0]
     dev = getattr(zi, "device", None)
@@ -190,3 +197,321 @@ def interval_mean(table: Any, lo: int, hi: int) -> Any:
         return part.mean(axis=-1, dtype=np.float64)
     part = xp.sort(table, axis=-1)[..., lo:hi]
     return xp.mean(xp.astype(part, xp.float64), axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# numpy fast path of block_minima: the same numbers (the same FP32 products, the same arg-maxes,
+# the same exact recompute of every chosen distance, difference first), organised for a CPU.
+#
+# Lanes. With one block product and numpy after it, the arg-maxes and recomputes ran on one core
+# while BLAS's idle threads kept spinning (OpenBLAS spins ~0.1 s after a call): a second numpy
+# thread then did not help (measured). So a block is cut into tiles of image pairs, and each of T
+# threads (T = BLAS's own thread count) takes the next tile and does all of it: its product, with
+# BLAS held to one thread per caller (threadpoolctl), then both arg-maxes while the product is in
+# cache, then the recomputes. Nothing spins or waits, and one thread's numpy work overlaps the
+# other's product. A block on the pool's diagonal multiplies only its upper triangle (the rest is
+# the same pairs the other way round), and where the two sides of a pair chose the same two
+# patches (mutual nearest patches: about half of them even for random features) the distance is
+# computed once. Without threadpoolctl the block is one tile, multiplied with BLAS threaded as
+# usual.
+
+_LOCAL = threading.local()
+_LANE_LOCK = threading.Lock()
+_LANES: dict = {"pid": None, "controller": None, "pool": None, "pool_size": 0, "depth": 0, "limiter": None,
+                "threads": 1}
+
+#: Product bytes per tile: a tile's arg-maxes and recomputes find its product and vectors still in
+#: cache, while the product stays large enough for single-thread sgemm's full rate. Measured on
+#: the 2-core AVX2 box at N = 100, L = 196 (CPU seconds per MSM call, side by side): 4 x 4-image
+#: tiles (2.5 MB) 3.1-3.2 s; 2 x 8 images 3.3-3.4 s; whole 16 MB blocks 3.5 s.
+TILE_BYTES = 5 << 19
+#: Images of zi per tile (4 x 196 product rows).
+TILE_ROW_IMAGES = 4
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has none of the parent's helper threads, and its lock may have been held."""
+    global _LANE_LOCK
+    _LANE_LOCK = threading.Lock()
+    _LANES.update(pid=None, controller=None, pool=None, pool_size=0, depth=0, limiter=None, threads=1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _blas_controller() -> Any:
+    """threadpoolctl's view of the loaded BLAS libraries, or None (not installed, none found)."""
+    if _LANES["pid"] != os.getpid():  # first use, or inherited over a fork: threads are gone
+        _LANES.update(pid=os.getpid(), controller=None, pool=None, pool_size=0, depth=0, limiter=None, threads=1)
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            ctl = ThreadpoolController().select(user_api="blas")
+            _LANES["controller"] = ctl if ctl.lib_controllers else None
+        except Exception:  # noqa: BLE001 - not installed, or a library it cannot query
+            _LANES["controller"] = None
+    return _LANES["controller"]
+
+
+def lane_count() -> tuple[int, bool]:
+    """(threads, controlled) for the numpy block kernel: BLAS's current thread count (so a user's
+    limit, e.g. ``OMP_NUM_THREADS`` or threadpoolctl, holds) and whether threadpoolctl can hold
+    BLAS to one thread per tile; (1, False) without threadpoolctl."""
+    with _LANE_LOCK:
+        ctl = _blas_controller()
+        if ctl is None:
+            return 1, False
+        if _LANES["depth"] and _LANES["limiter"] is not None:  # another call holds BLAS at one thread
+            return max(1, int(_LANES["threads"])), True
+        try:
+            return max(1, max(int(lib.num_threads) for lib in ctl.lib_controllers)), True
+        except Exception:  # noqa: BLE001 - a library that cannot say: one thread, as if uncontrolled
+            return 1, False
+
+
+class _SerialBlas:
+    """While any call is inside, BLAS runs one thread per call (restored when the last leaves)."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+
+    def __enter__(self) -> "_SerialBlas":
+        with _LANE_LOCK:
+            if _LANES["depth"] == 0:
+                _LANES["threads"] = self.threads
+                _LANES["limiter"] = _LANES["controller"].limit(limits=1)
+            _LANES["depth"] += 1
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        with _LANE_LOCK:
+            _LANES["depth"] -= 1
+            if _LANES["depth"] == 0 and _LANES["limiter"] is not None:
+                _LANES["limiter"].restore_original_limits()
+                _LANES["limiter"] = None
+
+
+def _executor(workers: int) -> Any:
+    """This process's pool of helper threads (at least ``workers``)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with _LANE_LOCK:
+        if _LANES["pool"] is None or _LANES["pool_size"] < workers:  # grow to the largest asked for
+            _LANES["pool"] = ThreadPoolExecutor(workers, thread_name_prefix="musc-pairs")
+            _LANES["pool_size"] = workers
+        return _LANES["pool"]
+
+
+def _run_tasks(tasks: list, threads: int) -> None:
+    """Run ``tasks`` (callables) on the calling thread and ``threads - 1`` helpers, each taking the
+    next task as it frees up."""
+    threads = min(threads, len(tasks))
+    if threads <= 1:
+        for t in tasks:
+            t()
+        return
+    order = itertools.count()  # next() is atomic under the GIL
+
+    def drain() -> None:
+        for i in order:
+            if i >= len(tasks):
+                return
+            tasks[i]()
+
+    futures = [_executor(threads - 1).submit(drain) for _ in range(threads - 1)]
+    try:
+        drain()
+    finally:
+        for f in futures:
+            if not f.cancel():  # started: wait for its task (a queued one has nothing left to do)
+                f.result()
+
+
+def _scratch(name: str, shape: tuple, dtype: Any) -> Any:
+    """This thread's reused buffer ``name`` viewed as ``shape`` (grown when too small)."""
+    import numpy as np
+
+    size = math.prod(shape)
+    buf = getattr(_LOCAL, name, None)
+    if buf is None or buf.dtype != dtype or buf.size < size:
+        buf = np.empty(size, dtype=dtype)
+        setattr(_LOCAL, name, buf)
+    return buf[:size].reshape(shape)
+
+
+def _distances_np(x: Any, y: Any, idx: Any, out: Any, chunk_rows: int) -> None:
+    """``out[k, r] = ||x[r] - y[idx[k, r]]||`` as :func:`nearest_distances` computes it
+    (difference first, float32), into ``out`` (K, R), which may be a strided view; the gathered
+    rows go into this thread's reused buffer."""
+    import numpy as np
+
+    k, r = idx.shape
+    c = x.shape[1]
+    r_step = max(1, min(r, chunk_rows))
+    k_step = max(1, chunk_rows // r_step)
+    for k0 in range(0, k, k_step):
+        k1 = min(k, k0 + k_step)
+        for r0 in range(0, r, r_step):
+            r1 = min(r, r0 + r_step)
+            g = _scratch("gather", ((k1 - k0) * (r1 - r0), c), np.float32)
+            np.take(y, idx[k0:k1, r0:r1].reshape(-1), axis=0, out=g, mode="clip")  # in range; no copy
+            g3 = g.reshape(k1 - k0, r1 - r0, c)
+            g3 -= x[None, r0:r1, :]
+            d = np.vecdot(g3, g3, axis=-1)
+            np.sqrt(d, out=out[k0:k1, r0:r1])
+
+
+def _pair_distances_np(x: Any, x_idx: Any, y: Any, y_idx: Any, chunk_rows: int) -> Any:
+    """``out[t] = ||x[x_idx[t]] - y[y_idx[t]]||`` as :func:`nearest_distances` computes it (the
+    difference ``y - x`` first, float32), both sides gathered into this thread's buffers."""
+    import numpy as np
+
+    t = int(x_idx.shape[0])
+    c = x.shape[1]
+    out = np.empty(t, dtype=np.float32)
+    for s0 in range(0, t, max(1, chunk_rows)):
+        s1 = min(t, s0 + max(1, chunk_rows))
+        g = _scratch("gather", (s1 - s0, c), np.float32)
+        h = _scratch("gather_x", (s1 - s0, c), np.float32)
+        np.take(y, y_idx[s0:s1], axis=0, out=g, mode="clip")
+        np.take(x, x_idx[s0:s1], axis=0, out=h, mode="clip")
+        g -= h
+        d = np.vecdot(g, g, axis=-1)
+        np.sqrt(d, out=out[s0:s1])
+    return out
+
+
+def _argmax_rows_np(s: Any) -> Any:
+    """``argmax(s, axis=-2)`` of a (..., L, K) float32 array, first index on ties, as numpy's.
+
+    numpy's arg-max over a non-last axis copies the array transposed first; the maximum over that
+    axis is a fast strided reduction, so instead: the maximum, where it is reached, and the
+    smallest such row (as the largest ``L - m``), in cheap passes.
+    """
+    import numpy as np
+
+    L, k = s.shape[-2:]
+    if L >= 1 << 15:
+        return np.argmax(s, axis=-2)
+    mx = np.max(s, axis=-2, keepdims=True)
+    at = np.equal(s, mx, out=_scratch("at", s.shape, np.bool_))
+    rev = np.arange(L, 0, -1, dtype=np.int16)[:, None]  # L - m
+    key = np.multiply(at, rev, out=_scratch("key", s.shape, np.int16), dtype=np.int16)
+    return L - np.max(key, axis=-2).astype(np.intp)
+
+
+def _cuts(lo: int, hi: int, parts: int) -> list[tuple[int, int]]:
+    """[lo, hi) cut into ``parts`` nearly equal ranges."""
+    edges = [lo + round((hi - lo) * t / parts) for t in range(parts + 1)]
+    return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def _tile_list(bi: int, bj: int, L: int, threads: int, upper: bool) -> list[tuple[int, int, int, int]]:
+    """Tiles (i0, i1, j0, j1) of about ``TILE_BYTES`` of product each (at most
+    ``TILE_ROW_IMAGES`` images of zi), at least ``threads`` of them, largest first (so that the
+    threads, taking the next tile as they free up, end together). ``upper``: zi is the first bI
+    images of zj, and image a needs only the images j > a (see :func:`run_tiles`)."""
+    ni = max(1, min(bi, TILE_ROW_IMAGES))
+    nj = max(1, min(bj, TILE_BYTES // (4 * L * L * ni)))
+    tiles = []
+    for i0, i1 in _cuts(0, bi, -(-bi // ni)):
+        c0 = 0
+        if upper:  # the row tile's own triangle image by image (no self pairs, no pair twice)
+            tiles += [(a, a + 1, a + 1, i1) for a in range(i0, i1 - 1)]
+            c0 = i1
+        if c0 < bj:
+            tiles += [(i0, i1, j0, j1) for j0, j1 in _cuts(c0, bj, -(-(bj - c0) // nj))]
+    while tiles and len(tiles) < threads:  # small blocks: split the widest tile
+        k = max(range(len(tiles)), key=lambda t: tiles[t][3] - tiles[t][2])
+        i0, i1, j0, j1 = tiles[k]
+        if j1 - j0 < 2:
+            break
+        tiles[k:k + 1] = [(i0, i1, a, b) for a, b in _cuts(j0, j1, 2)]
+    tiles.sort(key=lambda t: -(t[1] - t[0]) * (t[3] - t[2]))
+    return tiles
+
+
+def run_tiles(tile: Any, bi: int, bj: int, L: int, upper: bool = False) -> bool:
+    """Call ``tile(i0, i1, j0, j1)`` over tiles of the bI x bJ image pairs: on :func:`lane_count`
+    threads with BLAS held to one thread each (threadpoolctl present), else as one tile.
+
+    ``upper`` (a block on the pool's diagonal, both directions wanted): image a of zi is multiplied
+    only with the images j > a of zj; each pair left out was multiplied the other way round, and
+    no image with itself. Returns whether it did so: the caller then copies those distances into
+    place (:func:`_fill_lower`) and sets the self pairs.
+    """
+    threads, controlled = lane_count()
+    upper = upper and controlled
+    tiles = _tile_list(bi, bj, L, threads, upper) if controlled else [(0, bi, 0, bj)]
+    if threads > 1 and len(tiles) > 1:
+        with _SerialBlas(threads):
+            _run_tasks([lambda t=t: tile(*t) for t in tiles], threads)
+    else:
+        for t in tiles:
+            tile(*t)
+    return upper
+
+
+def _fill_lower(d_rows: Any, d_cols: Any, bi: int, L: int) -> None:
+    """The pairs :func:`run_tiles` left out with ``upper``: image a of zi against the images b < a
+    of zj (and itself: +inf, set by the caller). zi's image b is zj's image b, so
+    ``d_rows[b, a*L + m]`` (a scored by b) is ``d_cols[b, a*L + m]``, and ``d_cols[a, b*L + n]`` (b
+    scored by a) is ``d_rows[a, b*L + n]``, both computed in a tile of image b's row."""
+    for a in range(1, bi):
+        d_rows[:a, a * L:(a + 1) * L] = d_cols[:a, a * L:(a + 1) * L]
+        d_cols[a, :a * L] = d_rows[a, :a * L]
+
+
+def _block_minima_numpy(zi: Any, zj: Any, want_cols: bool, diagonal: bool, precision: str,
+                        chunk_bytes: int) -> tuple[Any, Any | None]:
+    """:func:`block_minima` for numpy arrays: the same numbers, computed tile by tile on
+    :func:`lane_count` threads (see the section comment above)."""
+    import numpy as np
+
+    bi, L, c = zi.shape
+    bj = zj.shape[0]
+    zi_f = np.ascontiguousarray(zi, dtype=np.float32).reshape(bi * L, c)
+    zj_f = np.ascontiguousarray(zj, dtype=np.float32).reshape(bj * L, c)
+    d_rows = np.empty((bj, bi * L), dtype=np.float32)  # d_rows[b, a*L+m]
+    d_cols = np.empty((bi, bj * L), dtype=np.float32) if want_cols else None  # d_cols[a, b*L+n]
+    chunk_rows = max(1, int(chunk_bytes) // (4 * c))
+
+    def tile(i0: int, i1: int, j0: int, j1: int) -> None:
+        """Images [i0, i1) of zi against [j0, j1) of zj: their product, both arg-maxes, both
+        recomputes."""
+        ni, nj = i1 - i0, j1 - j0
+        xi, xj = zi_f[i0 * L:i1 * L], zj_f[j0 * L:j1 * L]
+        p = product(np, xi, xj, precision)  # (ni*L, nj*L)
+        # Both arg-maxes while the product is in cache, then the recomputes.
+        n_best = np.argmax(p.reshape(ni * L, nj, L), axis=2)  # (ni*L, nj): a contiguous reduction
+        m_bests = [] if d_cols is None else [_argmax_rows_np(p[a * L:(a + 1) * L]) for a in range(ni)]
+        del p
+        idx = np.ascontiguousarray(n_best.T)  # (nj, ni*L), into xj's rows
+        idx += (np.arange(nj) * L)[:, None]
+        _distances_np(xi, xj, idx, d_rows[j0:j1, i0 * L:i1 * L], chunk_rows)
+        if d_cols is None:
+            return
+        b_of = np.repeat(np.arange(nj), L)  # column k of p is patch n_of[k] of image b_of[k]
+        n_of = np.tile(np.arange(L), nj)
+        for a, m_best in enumerate(m_bests):  # (nj*L,): patch m of image i0 + a
+            m_best += a * L  # into xi's rows
+            out = d_cols[i0 + a, j0 * L:j1 * L]
+            # Mutual nearest patches: the row side chose the same pair of patches, and its distance
+            # is the same number (the same squares in the same order), so it is copied, not redone.
+            np.copyto(out, d_rows[j0 + b_of, i0 * L + m_best])
+            redo = np.flatnonzero(n_best[m_best, b_of] != n_of)
+            if redo.size:
+                out[redo] = _pair_distances_np(xj, redo, xi, m_best[redo], chunk_rows)
+
+    if run_tiles(tile, bi, bj, L, upper=diagonal and d_cols is not None and bi <= bj):
+        _fill_lower(d_rows, d_cols, bi, L)
+    if diagonal:  # image a of zi is image a of zj: an image is not one of its other images
+        for a in range(min(bi, bj)):
+            d_rows[a, a * L:(a + 1) * L] = np.inf
+            if d_cols is not None:
+                d_cols[a, a * L:(a + 1) * L] = np.inf
+    rows = d_rows.reshape(bj, bi, L).transpose(1, 2, 0)  # (bI, L, bJ)
+    if d_cols is None:
+        return rows, None
+    return rows, d_cols.reshape(bi, bj, L).transpose(1, 2, 0)  # (bJ, L, bI)
