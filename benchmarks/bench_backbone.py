@@ -35,7 +35,7 @@ import numpy as np
 
 Runner = Callable[[np.ndarray], object]
 MODES: dict[str, Callable[["BenchContext"], Runner]] = {}
-#: issue 3: ONNX Runtime must reach this multiple of torch eager's images/s at batch 8.
+#: The floor (README, Benchmarks): ONNX Runtime must reach this multiple of torch eager's images/s at batch 8.
 FLOOR = {"mode": "ort", "baseline": "torch", "batch": 8, "min_ratio": 1.5}
 
 
@@ -169,7 +169,7 @@ def ort_fused_attention(ctx: BenchContext) -> Runner:
     return run
 
 
-# INT8 modes (issue 5): each quantizes the FP32 export with `musc-edge calibrate`'s library
+# INT8 modes (docs/int8_tensorrt.md): each quantizes the FP32 export with `musc-edge calibrate`'s library
 # function, calibrated on good images of the shipped MTD sample (speed does not depend on which).
 # Accuracy (cosine, MuSc AUROC) of the same modes: benchmarks/bench_int8.py.
 INT8_CALIB = Path(__file__).resolve().parents[1] / "examples" / "mtd_sample" / "magnetic_tile" / "test" / "good"
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                 for m, ips in per_mode.items():
                     if m != "torch":
                         ratios[f"{m}/torch@{batch}"] = round(ips / per_mode["torch"], 3)
-            if "ort" in per_mode:  # INT8 against the FP32 graph on the same runtime (issue 5)
+            if "ort" in per_mode:  # INT8 against the FP32 graph on the same runtime
                 for m, ips in per_mode.items():
                     if m.startswith("int8-"):
                         ratios[f"{m}/ort@{batch}"] = round(ips / per_mode["ort"], 3)

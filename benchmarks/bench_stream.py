@@ -14,7 +14,7 @@ extraction (the tokens are given):
   (what the released code must do for every new image).
 
 Prints one JSON object with both, their ratio, the window's preallocated bytes, the process's
-peak RSS, and the floors of issue 4 (latency(128)/latency(64) <= 2.3; at W = 128 incremental at
+peak RSS, and the streaming floors (latency(128)/latency(64) <= 2.3; at W = 128 incremental at
 least 20x cheaper than full rescoring), checked side by side in this one run.
 
 Setup cost: the windows are filled from one set of prepared entries (each image's pair rows

@@ -1,6 +1,6 @@
 """Write a built backbone to ONNX with musc-edge metadata, then prove ONNX Runtime agrees with torch.
 
-The graph (issue 3): input ``image`` (B, 3, S, S) float32 with a dynamic batch axis; outputs
+The graph (docs/export.md, "The graph"): input ``image`` (B, 3, S, S) float32 with a dynamic batch axis; outputs
 ``tokens_0``..``tokens_{k-1}`` (B, 1 + G*G, C) and ``embedding`` (B, D). We use torch's
 TorchScript-based exporter (``dynamo=False``): on torch 2.4-2.14 it handles open_clip's ViTs and
 the CNN in seconds, and its dynamic axes give a batch-free graph. open_clip's attention would take
@@ -29,7 +29,7 @@ from musc_edge.core.meta import PREFIX, ModelMeta
 from .backbones import BuiltBackbone
 
 MIN_OPSET = 17
-#: Max abs difference torch vs ONNX Runtime allowed per output (issue 3).
+#: Max abs difference torch vs ONNX Runtime allowed per output (docs/export.md, "Parity check").
 PARITY_TOL = 1e-3
 PARITY_BATCH = 2
 

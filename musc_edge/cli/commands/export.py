@@ -34,9 +34,10 @@ def _list_callback(ctx: click.Context, param: click.Parameter, value: bool) -> N
 
 @click.command(name="export")
 @click.option("--backbone", default="vit_b16", show_default=True,
-              help="Registered backbone (see --list): vit_b16, vit_b32, vit_l14, vit_l14_336, efficientnet_lite0.")
+              help="Registered backbone (see --list): vit_b16, vit_b32, vit_l14, vit_l14_336, efficientnet_lite0, "
+                   "efficientnet_lite1, efficientnet_lite2.")
 @click.option("--weights", default=None,
-              help="openai (CLIP) / imagenet (efficientnet_lite0): the backbone's pretrained weights [default]; "
+              help="openai (CLIP) / imagenet (efficientnet_lite0/1/2): the backbone's pretrained weights [default]; "
                    "PATH: a local checkpoint (recorded as sha256:<hex>); random: random init (smoke tests only).")
 @click.option("--image-size", "image_size", type=int, default=None,
               help="Square input side S (default: the backbone's); position embeddings are resized bicubically.")
@@ -158,7 +159,7 @@ def _engine_from_onnx(onnx_path: Path, out: Path | None, fmt: str, precision: st
 
 def _build_engine(onnx_path: Path, meta, precision: str, calib_dir: Path | None, max_batch: int,
                   engine_path: Path | None = None, quantizer: str = "auto") -> Path:
-    """Hand the ONNX file to the TensorRT builder (issue 5), imported only here."""
+    """Hand the ONNX file to the TensorRT builder (docs/int8_tensorrt.md), imported only here."""
     try:
         from musc_edge.export.tensorrt import build_engine
 
