@@ -66,7 +66,7 @@ class Batch:
 
 
 def iter_input_batches(paths: Iterable[str | Path], meta: ModelMeta, batch_size: int, *, workers: int = 1,
-                       max_pixels: int | None = None) -> Iterator[InputBatch]:
+                       max_pixels: int | None = None, max_bytes: int | None = None) -> Iterator[InputBatch]:
     """Decode and preprocess ``paths`` into batches of ``batch_size`` readable images (in order)."""
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
@@ -74,7 +74,7 @@ def iter_input_batches(paths: Iterable[str | Path], meta: ModelMeta, batch_size:
     def load(path: Path):
         t0 = time.perf_counter()
         try:
-            array, hw = load_input(path, meta, max_pixels=max_pixels)
+            array, hw = load_input(path, meta, max_pixels=max_pixels, max_bytes=max_bytes)
             return path, array, hw, None, time.perf_counter() - t0
         except ImageDecodeError as e:
             reason = str(e).removeprefix(f"{path}: ")
@@ -173,14 +173,16 @@ def prefetch(iterator: Iterator, depth: int = 2) -> Iterator:
 
 
 def iter_features(paths: Sequence[str | Path], extractor, batch_size: int = 8, *, workers: int = 1,
-                  prefetch_batches: int = 2, max_pixels: int | None = None) -> Iterator[Batch]:
+                  prefetch_batches: int = 2, max_pixels: int | None = None,
+                  max_bytes: int | None = None) -> Iterator[Batch]:
     """Features for ``paths``, a batch at a time, decoding ahead in a background thread.
 
     ``extractor`` is anything with ``.meta`` and ``__call__(batch) -> Features`` (a
     :class:`~musc_edge.runtime.model.FeatureExtractor`). ``workers`` decode threads (1 is enough
     when the model is the bottleneck).
     """
-    inputs = iter_input_batches(paths, extractor.meta, batch_size, workers=workers, max_pixels=max_pixels)
+    inputs = iter_input_batches(paths, extractor.meta, batch_size, workers=workers, max_pixels=max_pixels,
+                                max_bytes=max_bytes)
     for item in prefetch(inputs, prefetch_batches):
         features = None
         t0 = time.perf_counter()

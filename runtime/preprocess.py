@@ -436,7 +436,7 @@ def preprocess(image_rgb: np.ndarray, meta: ModelMeta) -> np.ndarray:
     return _normalise(resize_like_pil(image_rgb, meta.image_size, meta.image_size, meta.interpolation), meta)
 
 
-def load_input(path: str | Path, meta: ModelMeta, *, max_pixels: int | None = None
+def load_input(path: str | Path, meta: ModelMeta, *, max_pixels: int | None = None, max_bytes: int | None = None
                ) -> tuple[np.ndarray, tuple[int, int]]:
     """Decode and preprocess one file: ((3, S, S) float32, original (h, w)).
 
@@ -444,7 +444,7 @@ def load_input(path: str | Path, meta: ModelMeta, *, max_pixels: int | None = No
     and replicated afterwards (3x less work for the gray line cameras common in inspection).
     """
     path = Path(path)
-    return input_from_bytes(read_image_file(path), meta, name=str(path), max_pixels=max_pixels)
+    return input_from_bytes(read_image_file(path, max_bytes=max_bytes), meta, name=str(path), max_pixels=max_pixels)
 
 
 def input_from_bytes(data: bytes, meta: ModelMeta, *, name: str = "image", max_pixels: int | None = None

@@ -93,6 +93,7 @@ class ScoreSettings:
     mem_budget_bytes: int | None = None  #: the window's memory budget (None: a share of what is available)
     score_device: str = "cpu"  #: where MuSc scores: cpu, cuda (CuPy) or auto (--device is the backbone's)
     precision: str = "exact"  #: exact, or fast (FP16 products choose the nearest patch; GPU only)
+    max_file_bytes: int | None = None  #: --max-file-size (None: the runtime's limit, 256 MiB)
     threshold: float | None = None  #: on the raw score: verdict column, heatmap verdict and contour
     heatmap_scale: str | tuple[float, float] = RUN_SCALE  #: "run" (the run's map range) or a fixed (lo, hi)
 
@@ -393,7 +394,7 @@ def _extract(dataset: Dataset, extractor: Any, settings: ScoreSettings, pool: Po
         scored.bar = bar
     try:
         for batch in iter_features([s.path for s in dataset.samples], extractor, settings.batch_size,
-                                   workers=settings.workers):
+                                   workers=settings.workers, max_bytes=settings.max_file_bytes):
             skipped += [(str(p), reason) for p, reason in batch.skipped]
             decode_s += batch.decode_s
             infer_s += batch.infer_s

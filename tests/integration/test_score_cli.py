@@ -434,3 +434,18 @@ def test_a_250_byte_file_name_scores_to_the_end(tmp_path, model):
     written = len(list((out / "maps").rglob("*.png"))) + len(list((out / "panels").rglob("*.png")))
     lost = [w for w in json.loads((out / "run.json").read_text())["warnings"] if "not written" in w]
     assert written + len(lost) == 10 and all("p" * 20 in w for w in lost)
+
+
+def test_max_file_size_skips_a_file_over_it_before_reading(tmp_path, model, capsys):
+    """score --max-file-size: a file over the limit is listed as skipped with the flag to raise,
+    the others are scored."""
+    data = make_category(tmp_path / "cat", n_good=4, defects=("blob",), n_each=1)
+    big = data / "test" / "good" / "big.png"
+    big.write_bytes((data / "test" / "good" / "000.png").read_bytes() + b"\0" * 300_000)
+    out = tmp_path / "out"
+    rc = main(["score", str(data), "--model", str(model), "--out", str(out), "--quiet", "--max-file-size", "100KiB"])
+    assert rc == 0, capsys.readouterr().err
+    run = json.loads((out / "run.json").read_text())
+    assert run["counts"]["skipped"] == 1 and run["counts"]["scored"] == 5
+    (skip,) = run["skipped"]
+    assert skip["path"].endswith("big.png") and "--max-file-size" in skip["reason"]

@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 from musc_edge.cli.options import (batch_option, device_option, heatmaps_option, k_option, layout_options,
-                                   mem_budget_option, model_option, out_option, precision_option, r_option,
+                                   max_file_size_option, mem_budget_option, model_option, out_option,
+                                   precision_option, r_option,
                                    read_threshold_file, score_device_option, threshold_file_option)
 
 
@@ -66,12 +67,13 @@ def _heatmap_scale(ctx: click.Context, param: click.Parameter, value: str) -> st
               metavar="DIR", help="With --window: known-good images that seed every window and are never "
                                   "scored, so a defect repeated through a window still stands out.")
 @mem_budget_option
+@max_file_size_option
 def score(data_dir: Path, model_path: Path, out_dir: Path, batch: int, r_list: tuple[int, ...],
           k_list: tuple[int, ...], gt: str, heatmaps: bool, heatmap_scale: str | tuple[float, float],
           threshold: float | None, threshold_file: Path | None, device: str, score_device: str, precision: str,
           workers: int, quiet: bool,
           window: int | None, order: str, reference: Path | None, layout: str, normal_dir: str | None,
-          abnormal_dir: str | None, mask_dir: str | None, mem_budget: int | None) -> None:
+          abnormal_dir: str | None, mask_dir: str | None, mem_budget: int | None, max_file_bytes: int | None) -> None:
     """Score every image of DIR against the others (MuSc, zero-shot) and write the results.
 
     DIR is a flat folder of images (jpg/png/bmp/tiff), an MVTec AD category (DIR/test/<type>/,
@@ -104,7 +106,8 @@ def score(data_dir: Path, model_path: Path, out_dir: Path, batch: int, r_list: t
                              device=device, workers=workers, progress=not quiet, window=window, order=order,
                              reference=reference, layout=layout, normal_dir=normal_dir, abnormal_dir=abnormal_dir,
                              mask_dir=mask_dir, mem_budget_bytes=mem_budget, score_device=score_device,
-                             precision=precision, threshold=threshold, heatmap_scale=heatmap_scale)
+                             precision=precision, threshold=threshold, heatmap_scale=heatmap_scale,
+                             max_file_bytes=max_file_bytes)
     result = score_folder(data_dir, model_path, out_dir, settings)
     if threshold_info is not None:
         _add_normalised(result.out_dir, threshold_info, threshold_file)
