@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import subprocess
 import threading
 import time
@@ -22,6 +23,9 @@ import pytest
 from musc_edge.watch.journal import append_durably
 from musc_edge.watch.outbound import read_secret
 from musc_edge.watch.sinks import Backoff, Dispatcher, SeqFile
+
+sys.path.insert(0, str(Path(__file__).parent))
+from watch_helpers import first_occurrences, wait_for  # noqa: E402
 
 mqtt = pytest.importorskip("paho.mqtt.client", reason="paho-mqtt is not installed: pip install 'musc-edge[line]'")
 
@@ -133,24 +137,6 @@ def add_results(out: Path, seqs) -> None:
                                                        "image_score": 0.5, "verdict": "good",
                                                        "scoring_time": "2026-11-24T08:00:00.000+00:00"})
                                           for s in seqs))
-
-
-def wait_for(cond, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def first_occurrences(seqs: list[int]) -> list[int]:
-    seen, out = set(), []
-    for s in seqs:
-        if s not in seen:
-            seen.add(s)
-            out.append(s)
-    return out
 
 
 def dispatcher(out: Path, sink) -> Dispatcher:

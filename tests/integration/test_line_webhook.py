@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,6 +22,9 @@ from musc_edge.watch.journal import append_durably
 from musc_edge.watch.outbound import parse_header
 from musc_edge.watch.sinks import Backoff, Dispatcher, SeqFile
 from musc_edge.watch.webhook import WebhookError, WebhookSink
+
+sys.path.insert(0, str(Path(__file__).parent))
+from watch_helpers import first_occurrences, wait_for  # noqa: E402
 
 
 class Endpoint:
@@ -104,20 +108,6 @@ class Endpoint:
 def add_results(out: Path, seqs) -> None:
     append_durably(out / "results.jsonl", (json.dumps({"seq": s, "path": f"/in/p{s}.png", "raw_score": 1 + s / 1000,
                                                        "verdict": "good"}) for s in seqs))
-
-
-def wait_for(cond, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def first_occurrences(seqs: list[int]) -> list[int]:
-    seen: set[int] = set()
-    return [s for s in seqs if not (s in seen or seen.add(s))]
 
 
 def test_every_seq_is_accepted_at_least_once_in_order_through_failures(tmp_path, monkeypatch, caplog) -> None:

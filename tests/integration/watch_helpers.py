@@ -61,6 +61,12 @@ def wait_for(condition, timeout: float = 30.0, what: str = "condition") -> None:
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def first_occurrences(seqs: list[int]) -> list[int]:
+    """The seqs in the order they first arrived (at-least-once delivery may repeat some)."""
+    seen: set[int] = set()
+    return [s for s in seqs if not (s in seen or seen.add(s))]
+
+
 class ThreadedDaemon:
     """Run a WatchDaemon in a thread, in real time; ``stop()`` sets its stop flag and re-raises its error.
 
