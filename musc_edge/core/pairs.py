@@ -151,19 +151,9 @@ def _rows(xp: Any, p: Any, zi_f: Any, zj_f: Any, bi: int, bj: int, L: int, dev: 
 def _cols(xp: Any, p: Any, zi_f: Any, zj_f: Any, bi: int, bj: int, L: int, dev: Any, chunk_bytes: int) -> Any:
     """(bI, bJ*L): for patch row c of zj and image a, the arg-max patch m of a (a reduction
     across the product's rows), then its exact distance."""
-    m_best = _argmax_axis1(xp, xp.reshape(p, (bi, L, bj * L)))  # (bI, bJ*L)
+    m_best = xp.argmax(xp.reshape(p, (bi, L, bj * L)), axis=1)  # (bI, bJ*L)
     i_idx = m_best + (xp.arange(bi, device=dev) * L)[:, None]
     return nearest_distances(zj_f, zi_f, i_idx, chunk_bytes=chunk_bytes)
-
-
-def _argmax_axis1(xp: Any, x: Any) -> Any:
-    """``argmax(x, axis=1)`` of a (B, L, K) array. numpy's arg-max copies a non-last axis to the
-    end first; doing that copy per image keeps it in cache instead of one block-sized pass."""
-    if not is_numpy_namespace(xp):
-        return xp.argmax(x, axis=1)
-    import numpy as np
-
-    return np.stack([np.ascontiguousarray(x[a].T).argmax(axis=1) for a in range(x.shape[0])])
 
 
 def interval_bounds(n_others: int, interval: tuple[float, float]) -> tuple[int, int]:
