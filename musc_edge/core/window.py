@@ -40,7 +40,7 @@ import numpy as np
 from .device import CPU, ScoreDevice, resolve_device
 from .errors import InputError, StateError
 from .lnamd import lnamd, patch_grid
-from .memory import DEFAULT_SHARE, check_fits, pool_footprint
+from .memory import DEFAULT_SHARE, Footprint, check_fits, pool_footprint
 from .msm import check_interval, pair_block_bytes
 from .pairs import block_minima, interval_mean
 from .params import DEFAULT_PARAMS, MuscParams
@@ -133,12 +133,9 @@ class PoolWindow:
         self.params = params
         #: (layer index, r) for each combination q, layer-major like the batch scorer
         self.combos = params.combos(len(self.token_dims))
-        self.footprint = pool_footprint(self.slots, self.grid * self.grid, self.token_dims, len(params.r_list),
-                                        self.embed_dim)
         self.device = resolve_device(device)
-        if mem_budget_bytes is None and self.device.is_gpu:  # the pool lives in device memory
-            mem_budget_bytes = int(self.device.free_bytes() * DEFAULT_SHARE)
-        check_fits(self.footprint, mem_budget_bytes, what=what, reserved_slots=reserved_slots)
+        self.footprint = check_pool_memory(self.slots, self.grid, self.token_dims, len(params.r_list), self.embed_dim,
+                                           mem_budget_bytes, self.device, what=what, reserved_slots=reserved_slots)
         xp = self.xp = self.device.xp
         n_patches = self.grid * self.grid
         self._z = [xp.zeros((self.slots, n_patches, self.token_dims[layer]), dtype=xp.float32)
@@ -293,6 +290,21 @@ class PoolWindow:
         emb = xp.take(self._emb, self.device.asarray(np.asarray([self._slot_of[s] for s in seqs], np.int64)), axis=0)
         final = rscin(raw, emb, self.params.k_list)
         return seqs, self.device.to_host(maps), self.device.to_host(raw), self.device.to_host(final)
+
+
+def check_pool_memory(slots: int, grid: int, token_dims: Sequence[int], n_r: int, embed_dim: int,
+                      mem_budget_bytes: int | None, device: ScoreDevice, *, what: str,
+                      reserved_slots: int = 0) -> Footprint:
+    """The footprint of a pool of ``slots`` images, refused with one line if over the budget.
+
+    The default budget is a share of the memory the pool will live in: the host's
+    (:func:`musc_edge.core.memory.default_budget`) or, on a GPU, the device's free memory.
+    """
+    fp = pool_footprint(slots, int(grid) ** 2, token_dims, n_r, embed_dim)
+    if mem_budget_bytes is None and device.is_gpu:
+        mem_budget_bytes = int(device.free_bytes() * DEFAULT_SHARE)
+    check_fits(fp, mem_budget_bytes, what=what, reserved_slots=reserved_slots)
+    return fp
 
 
 def check_stream_settings(capacity: int, delay: int, min_pool: int, n_references: int = 0) -> None:
@@ -452,9 +464,8 @@ class CentredStream:
         self.mem_budget_bytes = mem_budget_bytes
         self.device = resolve_device(device)
         # Refused now, not when image W + 1 arrives: the pool's size is known from the settings.
-        check_fits(pool_footprint(self.window + n_references, self.grid * self.grid, self.token_dims,
-                                  len(params.r_list), self.embed_dim), mem_budget_bytes,
-                   what=f"--window {self.window}", reserved_slots=n_references)
+        check_pool_memory(self.window + n_references, self.grid, self.token_dims, len(params.r_list), self.embed_dim,
+                          mem_budget_bytes, self.device, what=f"--window {self.window}", reserved_slots=n_references)
         self._refs: list[tuple[tuple[np.ndarray, ...], np.ndarray]] = []
         self._buffer: list[tuple[tuple[np.ndarray, ...], np.ndarray]] = []
         self._scorer: RollingScorer | None = None

@@ -43,7 +43,6 @@ from .arrivals import Arrival, ArrivalTracker, PollSource, Source, WatchdogSourc
 from .clock import Clock
 from musc_edge.core.errors import ImageDecodeError, InputError, StateError
 from musc_edge.core.device import resolve_device
-from musc_edge.core.memory import DEFAULT_SHARE, check_fits, pool_footprint
 from musc_edge.core.meta import ModelMeta
 from musc_edge.core.params import DEFAULT_PARAMS, MuscParams
 from musc_edge.core.types import Features
@@ -56,7 +55,7 @@ from .live import LiveStatus
 from .paths import json_path, own_folders, readable
 from .sinks import Backoff, Dispatcher, Sink, check_names
 from musc_edge.core.threshold import Threshold, normalised_score
-from musc_edge.core.window import Emission, Entry, RollingScorer, check_stream_settings
+from musc_edge.core.window import Emission, Entry, RollingScorer, check_pool_memory, check_stream_settings
 
 log = logging.getLogger(__name__)
 
@@ -215,11 +214,9 @@ class WatchDaemon:
         check_stream_settings(config.window, config.delay, self.min_pool, len(self.references))
         self.device = resolve_device(config.score_device, config.precision)
         # the pool's memory is known from the settings: refuse before any image is read
-        check_fits(pool_footprint(pool_max, self.meta.grid ** 2, self.meta.token_dims, len(config.params.r_list),
-                                  self.meta.embed_dim),
-                   config.mem_budget_bytes if config.mem_budget_bytes is not None or not self.device.is_gpu
-                   else int(self.device.free_bytes() * DEFAULT_SHARE),
-                   what=f"--window {config.window}", reserved_slots=len(self.references))
+        check_pool_memory(pool_max, self.meta.grid, self.meta.token_dims, len(config.params.r_list),
+                          self.meta.embed_dim, config.mem_budget_bytes, self.device, what=f"--window {config.window}",
+                          reserved_slots=len(self.references))
         self.settings = self._settings([str(p.resolve()) for p in self.references])
         # OUTDIR may hold the watched folder (--out /data/line1 for /data/line1/incoming): then only
         # what we write is left out, not every file (docs/watch.md, "What happens when")
