@@ -47,6 +47,24 @@ r_option = click.option("--r", "r_list", default=",".join(map(str, DEFAULT_R)), 
 k_option = click.option("--k", "k_list", default=",".join(map(str, DEFAULT_K)), show_default=True,
                         callback=_int_list("--k"),
                         help="RsCIN neighbourhood sizes (1,8,9 for VisA-like sets).")
+def parse_match_radius(text: str | None) -> int | None:
+    """``global`` (or unset) -> None, MuSc's nearest patch anywhere; ``P`` -> an integer radius >= 0."""
+    if text is None or text.strip().lower() == "global":
+        return None
+    try:
+        radius = int(text)
+    except ValueError:
+        raise InputError(f"--match-radius expects global or an integer >= 0 (grid cells), got {text!r}") from None
+    if radius < 0:
+        raise InputError(f"--match-radius expects global or an integer >= 0 (grid cells), got {text!r}")
+    return radius
+
+
+match_radius_option = click.option(
+    "--match-radius", "match_radius", default="global", show_default=True,
+    callback=lambda ctx, param, value: parse_match_radius(value),
+    help="Positional matching for aligned parts: search each patch's nearest patch only within P grid "
+         "cells of its own position in the other images (0: the same cell). global: anywhere (MuSc).")
 out_option = click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
                           help="Output folder (created if missing).")
 heatmaps_option = click.option("--heatmaps", is_flag=True, help="Write heatmap overlays at the original size.")

@@ -92,12 +92,25 @@ def pair_block_bytes(L: int) -> int:
     return 2 * 4 * L * L
 
 
-def group_sizes(n: int, L: int, budget_for_block: int, *, gpu: bool = False) -> tuple[int, int]:
+def local_pair_bytes(L: int) -> int:
+    """Bytes one image pair adds to a positional-matching block (:func:`~musc_edge.core.pairs.local_minima`):
+    per patch its running best product and arg-max, one offset's product and its comparison."""
+    return 4 * 4 * L
+
+
+def group_sizes(n: int, L: int, budget_for_block: int, *, gpu: bool = False,
+                local: bool = False) -> tuple[int, int]:
     """Row and column group sizes (images) so that one product block fits the budget.
 
     The column group is never smaller than the row group: a row group's first column group then
     holds all of its own images, so its self pairs are exactly the diagonal block's.
+    ``local`` (positional matching): a pair costs ``local_pair_bytes`` and the row and column
+    groups are equal and square, so the batched products over grid positions are large GEMMs.
     """
+    if local:
+        target = min(GPU_TARGET_BLOCK_BYTES if gpu else TILED_TARGET_BLOCK_BYTES, budget_for_block)
+        b = max(1, min(n, math.isqrt(max(1, target // local_pair_bytes(L)))))
+        return b, b
     per_pair = pair_block_bytes(L)
     if gpu:
         block, row_group = GPU_TARGET_BLOCK_BYTES, GPU_ROW_GROUP
@@ -111,13 +124,26 @@ def group_sizes(n: int, L: int, budget_for_block: int, *, gpu: bool = False) -> 
     return bi, bj
 
 
-def plan(n: int, L: int, mem_budget_bytes: int, *, gpu: bool = False) -> tuple[int, int, int]:
+def plan(n: int, L: int, mem_budget_bytes: int, *, gpu: bool = False, local: bool = False) -> tuple[int, int, int]:
     """(owner block, row group, column group) sizes in images for ``n`` images of ``L`` patches."""
     table_row_bytes = 4 * n * L  # one image's distances to every other image
-    block_budget = max(mem_budget_bytes // 4, pair_block_bytes(L))
+    block_budget = max(mem_budget_bytes // 4, local_pair_bytes(L) if local else pair_block_bytes(L))
     owner = max(1, min(n, (mem_budget_bytes - block_budget) // table_row_bytes))
-    bi, bj = group_sizes(n, L, block_budget, gpu=gpu)
+    bi, bj = group_sizes(n, L, block_budget, gpu=gpu, local=local)
     return owner, bi, bj
+
+
+def check_exclude(exclude: Any, n: int) -> Any:
+    """Validate an (N, N) bool "j does not score i" matrix; every image keeps one other image."""
+    e = np.asarray(exclude)
+    if e.shape != (n, n) or e.dtype != np.bool_:
+        raise InputError(f"exclude must be an (N, N) = ({n}, {n}) bool array, got {e.dtype} {e.shape}")
+    e = e.copy()
+    np.fill_diagonal(e, False)
+    if n > 1 and (e.sum(axis=1) >= n - 1).any():
+        i = int(np.flatnonzero(e.sum(axis=1) >= n - 1)[0])
+        raise InputError(f"exclude leaves image {i} with no other image to score it")
+    return e
 
 
 def device_budget(xp: Any, mem_budget_bytes: int) -> int:
@@ -135,13 +161,17 @@ def device_budget(xp: Any, mem_budget_bytes: int) -> int:
 
 
 def msm(z: Any, interval: tuple[float, float] = DEFAULT_INTERVAL, *, mem_budget_bytes: int = 1 << 30,
-        precision: str = "exact") -> Any:
+        precision: str = "exact", radius: int | None = None, exclude: Any = None) -> Any:
     """MSM patch scores of one (layer, r) LNAMD output (MUSC_SPEC 3).
 
     z: (N, L, C) unit vectors (float32; float16 is re-normalised after the cast), a numpy array or
     any array API array (CuPy: computed on its device). Returns (N, L) float64 of z's namespace.
     ``mem_budget_bytes`` bounds the extra memory (distance table + product block), whatever N is
     (on a GPU also half its free memory). ``precision``: see :func:`musc_edge.core.pairs.product`.
+    ``radius``: positional matching (:func:`musc_edge.core.pairs.block_minima`); None is global.
+    ``exclude``: optional (N, N) bool numpy array, ``exclude[i, j]`` = image j does not score image
+    i (tiles of one image, images that share a repeated defect): j leaves i's sorted distances and
+    the interval is taken over i's remaining N - 1 - k other images.
     """
     xp = array_namespace(z)
     if is_numpy_namespace(xp):
@@ -151,20 +181,80 @@ def msm(z: Any, interval: tuple[float, float] = DEFAULT_INTERVAL, *, mem_budget_
     n, L, _ = z.shape
     lo, hi = check_interval(n, interval)
     z = as_unit_float32(z)
+    excl = None if exclude is None else check_exclude(exclude, n)
+    if radius is not None:
+        from .pairs import covers_grid, grid_side
+
+        try:
+            grid_side(L)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        radius = None if covers_grid(int(radius), L) else int(radius)
     gpu = not is_numpy_namespace(xp)
-    owner, bi, bj = plan(n, L, device_budget(xp, mem_budget_bytes) if gpu else mem_budget_bytes, gpu=gpu)
-    parts = [_score_owner_block(xp, z, o0, min(n, o0 + owner), bi, bj, lo, hi, precision)
+    owner, bi, bj = plan(n, L, device_budget(xp, mem_budget_bytes) if gpu else mem_budget_bytes, gpu=gpu,
+                         local=radius is not None)
+    parts = [_score_owner_block(xp, z, o0, min(n, o0 + owner), bi, bj, interval, precision, radius, excl)
              for o0 in range(0, n, owner)]
     return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
 
 
-def _score_owner_block(xp: Any, z: Any, o0: int, o1: int, bi: int, bj: int, lo: int, hi: int,
-                       precision: str = "exact") -> Any:
+def _masked_interval_mean(xp: Any, table: Any, o0: int, excl: Any, interval: tuple[float, float]) -> Any:
+    """Interval means of the owner block's table with the excluded pairs taken out: they are set
+    to +inf (above every slice, like the self pair) and each image's bounds follow its own count of
+    other images; images with the same count share one selection."""
+    n_own = table.shape[0]
+    block = excl[o0:o0 + n_own]
+    dev = getattr(table, "device", None)
+    mask = xp.asarray(block, device=dev)[:, None, :]
+    table = xp.where(mask, xp.asarray(math.inf, dtype=table.dtype, device=dev), table)
+    others = table.shape[2] - 1 - block.sum(axis=1)
+    counts = np.unique(others)
+    if counts.size == 1:
+        return interval_mean(table, *interval_bounds(int(counts[0]), interval))
+    order = np.argsort(others, kind="stable")  # images grouped by count, then put back in place
+    parts = []
+    for k in counts:
+        idx = xp.asarray(order[others[order] == k], device=dev)
+        parts.append(interval_mean(xp.take(table, idx, axis=0), *interval_bounds(int(k), interval)))
+    return xp.take(xp.concat(parts, axis=0), xp.asarray(np.argsort(order), device=dev), axis=0)
+
+
+def _score_owner_block(xp: Any, z: Any, o0: int, o1: int, bi: int, bj: int, interval: tuple[float, float],
+                       precision: str = "exact", radius: int | None = None, excl: Any = None) -> Any:
     """Scores (o1 - o0, L) of images [o0, o1) against all images; pairs inside the block are
     multiplied once, pairs with images outside it in the row direction only."""
     n, L, _ = z.shape
     dev = getattr(z, "device", None)
     table = xp.full((o1 - o0, L, n), math.inf, dtype=xp.float32, device=dev)  # table[i - o0, m, j] = d_ij(m)
+    if radius is not None:
+        _fill_local(xp, z, table, o0, o1, bi, precision, radius)
+    else:
+        _fill_global(xp, z, table, o0, o1, bi, bj, precision)
+    if excl is None:
+        lo, hi = interval_bounds(n - 1, interval)
+        return interval_mean(table, lo, hi)
+    return _masked_interval_mean(xp, table, o0, excl, interval)
+
+
+def _fill_local(xp: Any, z: Any, table: Any, o0: int, o1: int, b: int, precision: str, radius: int) -> None:
+    """The owner block's table under positional matching: every pair in the row direction (the
+    kernel's column direction is the same computation with the images swapped, so nothing is
+    saved by asking for it)."""
+    n = z.shape[0]
+    for i0 in range(o0, o1, b):
+        i1 = min(o1, i0 + b)
+        for j0 in range(0, n, b):
+            j1 = min(n, j0 + b)
+            rows, _ = block_minima(z[i0:i1, ...], z[j0:j1, ...], want_cols=False, diagonal=False,
+                                   precision=precision, radius=radius)
+            table[i0 - o0:i1 - o0, :, j0:j1] = rows
+    for i in range(o0, o1):  # an image is not one of its own other images
+        table[i - o0, :, i] = math.inf
+
+
+def _fill_global(xp: Any, z: Any, table: Any, o0: int, o1: int, bi: int, bj: int, precision: str) -> None:
+    """The owner block's table under MuSc's global nearest patch (MUSC_SPEC 3)."""
+    n = z.shape[0]
     for i0 in range(o0, o1, bi):
         i1 = min(o1, i0 + bi)
         for j0 in range(i0, o1, bj):  # inside: row group I, column groups J >= I, both directions
@@ -181,4 +271,3 @@ def _score_owner_block(xp: Any, z: Any, o0: int, o1: int, bi: int, bj: int, lo: 
                 j1 = min(b, j0 + bj)
                 rows, _ = block_minima(z[i0:i1, ...], z[j0:j1, ...], want_cols=False, precision=precision)
                 table[i0 - o0:i1 - o0, :, j0:j1] = rows
-    return interval_mean(table, lo, hi)

@@ -102,7 +102,8 @@ def _self_mask(xp: Any, n_images: int, n_other: int, L: int, device: Any) -> Any
 
 
 def block_minima(zi: Any, zj: Any, *, want_cols: bool = True, diagonal: bool = False,
-                 precision: str = "exact", chunk_bytes: int | None = None) -> tuple[Any, Any | None]:
+                 precision: str = "exact", chunk_bytes: int | None = None,
+                 radius: int | None = None) -> tuple[Any, Any | None]:
     """Nearest-patch distances for every (image of zi, image of zj) pair, from one product.
 
     zi: (bI, L, C), zj: (bJ, L, C) unit vectors, float32, any array API namespace.
@@ -114,11 +115,19 @@ def block_minima(zi: Any, zj: Any, *, want_cols: bool = True, diagonal: bool = F
     "other images".
     ``precision``: how the product that chooses the nearest patch is computed (:func:`product`);
     the chosen distance is recomputed in FP32 either way.
+    ``radius``: None for the global nearest patch (MUSC_SPEC 3); P >= 0 restricts patch (y, x)'s
+    search to the cells (y + dy, x + dx), |dy|, |dx| <= P, of the other image's G x G grid
+    (:func:`local_minima`; a radius that covers the grid is the global search).
     numpy arrays take a CPU path with the same numbers (:func:`_block_minima_numpy`: tiles on
     BLAS's thread count); every other namespace runs the code below.
     """
     xp = array_namespace(zi, zj)
     chunk_bytes = recompute_chunk_bytes(xp) if chunk_bytes is None else int(chunk_bytes)
+    if radius is not None and not covers_grid(int(radius), zi.shape[1]):
+        rows = local_minima(zi, zj, int(radius), diagonal=diagonal, precision=precision, chunk_bytes=chunk_bytes)
+        cols = (local_minima(zj, zi, int(radius), diagonal=diagonal, precision=precision, chunk_bytes=chunk_bytes)
+                if want_cols else None)
+        return rows, cols
     if is_numpy_namespace(xp):
         return _block_minima_numpy(zi, zj, want_cols, diagonal, precision, chunk_bytes)
     bi, L, c = zi.shape
@@ -138,6 +147,87 @@ def block_minima(zi: Any, zj: Any, *, want_cols: bool = True, diagonal: bool = F
     if diagonal:
         d_cols = xp.where(_self_mask(xp, bj, bi, L, dev), inf, d_cols)
     return rows, xp.permute_dims(xp.reshape(d_cols, (bi, bj, L)), (1, 2, 0))  # (bJ, L, bI)
+
+
+def grid_side(L: int) -> int:
+    """G of a square G x G patch grid of ``L`` patches (LNAMD keeps the backbone's square grid)."""
+    g = math.isqrt(int(L))
+    if g * g != int(L):
+        raise ValueError(f"positional matching needs a square patch grid, got L = {L} patches")
+    return g
+
+
+def covers_grid(radius: int, L: int) -> bool:
+    """Whether a ``radius`` neighbourhood reaches every cell of the G x G grid from every cell:
+    then positional matching is the global search, and the global kernel runs."""
+    return int(radius) >= grid_side(L) - 1
+
+
+def local_offsets(radius: int) -> list[tuple[int, int]]:
+    """The (dy, dx) of a (2P+1) x (2P+1) neighbourhood, row-major: for any cell this visits the
+    other image's cells in increasing flat index, so a strict ``>`` keeps the first of equal
+    products, as ``argmax`` does in the global search."""
+    return [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)]
+
+
+def local_minima(zi: Any, zj: Any, radius: int, *, diagonal: bool = False, precision: str = "exact",
+                 chunk_bytes: int | None = None) -> Any:
+    """rows (bI, L, bJ) of positional matching: ``rows[a, m, b]`` = distance of patch m = (y, x)
+    of image a to its nearest patch among the cells (y + dy, x + dx), |dy|, |dx| <= radius, of
+    image b (cells off the grid are not there: a corner has fewer neighbours).
+
+    How: for each offset, one batched product over the grid positions, (positions, bI, C) x
+    (positions, C, bJ), whose running maximum over offsets chooses each nearest patch; the chosen
+    distance is then recomputed exactly (difference first), as in the global search. The work is
+    (2P+1)^2 / L of the global product's. ``diagonal``: image a of zi is image a of zj (+inf).
+    """
+    xp = array_namespace(zi, zj)
+    chunk_bytes = recompute_chunk_bytes(xp) if chunk_bytes is None else int(chunk_bytes)
+    bi, L, c = zi.shape
+    bj = zj.shape[0]
+    g = grid_side(L)
+    dev = getattr(zi, "device", None)
+    a4 = xp.reshape(zi, (bi, g, g, c))
+    b4 = xp.reshape(zj, (bj, g, g, c))
+    best = xp.full((g, g, bi, bj), -math.inf, dtype=xp.float32, device=dev)
+    arg = xp.zeros((g, g, bi, bj), dtype=xp.int32, device=dev)  # flat patch index n into image b
+    cell = xp.reshape(xp.arange(L, dtype=xp.int32, device=dev), (g, g))
+    for dy, dx in local_offsets(int(radius)):
+        y0, y1, x0, x1 = max(0, -dy), min(g, g - dy), max(0, -dx), min(g, g - dx)
+        if y1 <= y0 or x1 <= x0:
+            continue
+        h, w = y1 - y0, x1 - x0
+        a = xp.reshape(xp.permute_dims(a4[:, y0:y1, x0:x1, :], (1, 2, 0, 3)), (h * w, bi, c))
+        b = xp.reshape(xp.permute_dims(b4[:, y0 + dy:y1 + dy, x0 + dx:x1 + dx, :], (1, 2, 0, 3)), (h * w, bj, c))
+        s = xp.reshape(_batched_product(xp, a, b, precision), (h, w, bi, bj))
+        cur = best[y0:y1, x0:x1, ...]
+        better = s > cur
+        best[y0:y1, x0:x1, ...] = xp.where(better, s, cur)
+        n = cell[y0 + dy:y1 + dy, x0 + dx:x1 + dx][:, :, None, None]
+        arg[y0:y1, x0:x1, ...] = xp.where(better, n, arg[y0:y1, x0:x1, ...])
+    del best
+    # (g, g, bI, bJ) -> (bJ, bI, L): j_idx[b, a*L + m] indexes zj's flat rows, as _rows builds it
+    j_idx = xp.reshape(xp.permute_dims(xp.reshape(arg, (L, bi, bj)), (2, 1, 0)), (bj, bi * L))
+    j_idx = xp.astype(j_idx, xp.int64) + (xp.arange(bj, dtype=xp.int64, device=dev) * L)[:, None]
+    d = nearest_distances(xp.reshape(zi, (bi * L, c)), xp.reshape(zj, (bj * L, c)), j_idx, chunk_bytes=chunk_bytes)
+    if diagonal:
+        d = xp.where(_self_mask(xp, bi, bj, L, dev), xp.asarray(math.inf, dtype=d.dtype, device=dev), d)
+    return xp.permute_dims(xp.reshape(d, (bj, bi, L)), (1, 2, 0))  # (bI, L, bJ)
+
+
+def _batched_product(xp: Any, a: Any, b: Any, precision: str) -> Any:
+    """(K, bI, C) x (K, bJ, C) -> (K, bI, bJ) products, as :func:`product` computes each."""
+    if precision == "exact":
+        return a @ xp.matrix_transpose(b)
+    if precision != "fast":
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    # FP16 operands, FP32 accumulation. The array API has no batched FP16 GEMM entry point, so
+    # on every library this rounds the operands and multiplies in FP32 (the same choices).
+    if not hasattr(xp, "float16"):
+        raise ValueError("precision 'fast' needs an array library with float16 (CuPy, numpy)")
+    a16 = xp.astype(xp.astype(a, xp.float16), xp.float32)
+    b16 = xp.astype(xp.astype(b, xp.float16), xp.float32)
+    return a16 @ xp.matrix_transpose(b16)
 
 
 def _rows(xp: Any, p: Any, zi_f: Any, zj_f: Any, bi: int, bj: int, L: int, dev: Any, chunk_bytes: int) -> Any:

@@ -2,7 +2,9 @@
 
 r_list: LNAMD aggregation degrees (MUSC_SPEC 2); interval: the [start, end) slice of the other
 images' distances MSM averages, sorted ascending (MUSC_SPEC 3); k_list: RsCIN neighbourhood sizes
-(MUSC_SPEC 5; (1, 8, 9) for VisA-like sets). Validated once where they are made, so every function
+(MUSC_SPEC 5; (1, 8, 9) for VisA-like sets); match_radius: None for MuSc's global nearest patch,
+or P to search only the (2P+1) x (2P+1) grid cells around a patch's own position in the other
+image (aligned parts; not in the paper, see docs/scorer.md "Positional matching"). Validated once where they are made, so every function
 that takes a :class:`MuscParams` can trust it.
 """
 
@@ -25,6 +27,7 @@ class MuscParams:
     r_list: tuple[int, ...] = DEFAULT_R
     interval: tuple[float, float] = DEFAULT_INTERVAL
     k_list: tuple[int, ...] = DEFAULT_K
+    match_radius: int | None = None
 
     def __post_init__(self) -> None:
         r = tuple(int(v) for v in self.r_list)
@@ -41,6 +44,14 @@ class MuscParams:
         k = tuple(int(v) for v in self.k_list)
         if not k or min(k) < 1:
             raise InputError(f"k_list must hold integers >= 1, got {list(self.k_list)}")
+        if self.match_radius is not None:
+            try:
+                radius = int(self.match_radius)
+            except (TypeError, ValueError):
+                raise InputError(f"match_radius must be an integer >= 0 or None (global), got {self.match_radius!r}") from None
+            if radius < 0 or radius != self.match_radius:
+                raise InputError(f"match_radius must be an integer >= 0 or None (global), got {self.match_radius!r}")
+            object.__setattr__(self, "match_radius", radius)
         object.__setattr__(self, "r_list", r)
         object.__setattr__(self, "interval", (a, b))
         object.__setattr__(self, "k_list", k)
@@ -50,15 +61,16 @@ class MuscParams:
         return tuple((layer, r) for layer in range(int(n_layers)) for r in self.r_list)
 
     def to_dict(self) -> dict:
-        return {"r_list": list(self.r_list), "interval": list(self.interval), "k_list": list(self.k_list)}
+        return {"r_list": list(self.r_list), "interval": list(self.interval), "k_list": list(self.k_list),
+                "match_radius": self.match_radius}
 
     @classmethod
     def of(cls, r_list: Sequence[int] | None = None, interval: Sequence[float] | None = None,
-           k_list: Sequence[int] | None = None) -> "MuscParams":
+           k_list: Sequence[int] | None = None, match_radius: int | None = None) -> "MuscParams":
         """Defaults for what is None (the CLI's unset flags)."""
         return cls(tuple(DEFAULT_R if r_list is None else r_list),
                    tuple(DEFAULT_INTERVAL if interval is None else interval),
-                   tuple(DEFAULT_K if k_list is None else k_list))
+                   tuple(DEFAULT_K if k_list is None else k_list), match_radius)
 
 
 DEFAULT_PARAMS = MuscParams()

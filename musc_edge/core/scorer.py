@@ -74,6 +74,7 @@ def score_tokens(
     device: str | ScoreDevice | None = "cpu",
     precision: str = "exact",
     progress: Callable[[int, int], None] | None = None,
+    exclude: np.ndarray | None = None,
 ) -> Scores:
     """Score a pool of images from their tapped-layer tokens (MUSC_SPEC 2-5).
 
@@ -87,6 +88,8 @@ def score_tokens(
         MSM, the map mean and RsCIN run there and only the maps and scores come back), ``auto``,
         or a :class:`~musc_edge.core.device.ScoreDevice`. precision: ``exact`` or ``fast``
         (:mod:`musc_edge.core.device`).
+    exclude: optional (N, N) bool, ``exclude[i, j]``: image j does not score image i (see
+        :func:`musc_edge.core.msm.msm`); None: every other image scores every image.
     progress: called as ``progress(done, total)`` with ``done`` of ``total`` (layer, r) MSM calls
         finished, first with ``done = 0``; each call is one O(N^2) pass, the natural unit of the
         work. The caller draws the bar, so the core needs no progress library.
@@ -112,7 +115,8 @@ def score_tokens(
         t = dev.asarray(tokens)  # one upload per layer on a GPU; the host array itself on the CPU
         for r in params.r_list:
             z = lnamd(t, r)
-            total += msm(z, params.interval, mem_budget_bytes=mem_budget_bytes, precision=dev.precision)
+            total += msm(z, params.interval, mem_budget_bytes=mem_budget_bytes, precision=dev.precision,
+                         radius=params.match_radius, exclude=exclude)
             count += 1
             del z
             if progress is not None:

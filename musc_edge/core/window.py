@@ -203,7 +203,8 @@ class PoolWindow:
                 in_q = xp.empty((hi, n_patches), dtype=xp.float32)
                 for j0 in range(0, hi, step):
                     j1 = min(hi, j0 + step)
-                    rows, cols = block_minima(z[q][None], self._z[q][j0:j1], precision=self.device.precision)
+                    rows, cols = block_minima(z[q][None], self._z[q][j0:j1], precision=self.device.precision,
+                                              radius=self.params.match_radius)
                     out_q[:, j0:j1] = rows[0]
                     in_q[j0:j1] = cols[:, :, 0]
                 d_out[:, q] = xp.take(out_q.T, take, axis=0)

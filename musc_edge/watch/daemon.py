@@ -239,7 +239,9 @@ class WatchDaemon:
     def _settings(self, references: Sequence[str]) -> dict:
         c = self.config
         return {"window": c.window, "r_list": list(c.params.r_list), "k_list": list(c.params.k_list),
-                "interval": list(c.params.interval), "references": list(references)}
+                "interval": list(c.params.interval), "references": list(references),
+                # absent from states saved before positional matching: .get() reads None, global
+                "match_radius": c.params.match_radius}
 
     def _new_scorer(self, n_references: int) -> RollingScorer:
         c, m = self.config, self.meta

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from musc_edge.cli.options import (batch_option, device_option, heatmaps_option, k_option, layout_options,
+from musc_edge.cli.options import (batch_option, device_option, heatmaps_option, k_option, match_radius_option, layout_options,
                                    max_file_size_option, mem_budget_option, model_option, out_option,
                                    precision_option, r_option,
                                    read_threshold_file, score_device_option, threshold_file_option)
@@ -35,6 +35,7 @@ def _heatmap_scale(ctx: click.Context, param: click.Parameter, value: str) -> st
 @batch_option
 @r_option
 @k_option
+@match_radius_option
 @click.option("--gt", default="auto", show_default=True, metavar="auto|none|MASKDIR",
               help="Ground truth: auto (the layout's own labels and masks), none, or a folder of "
                    "<stem>_mask.png masks (flat and mvtec layouts).")
@@ -69,7 +70,7 @@ def _heatmap_scale(ctx: click.Context, param: click.Parameter, value: str) -> st
 @mem_budget_option
 @max_file_size_option
 def score(data_dir: Path, model_path: Path, out_dir: Path, batch: int, r_list: tuple[int, ...],
-          k_list: tuple[int, ...], gt: str, heatmaps: bool, heatmap_scale: str | tuple[float, float],
+          k_list: tuple[int, ...], match_radius: int | None, gt: str, heatmaps: bool, heatmap_scale: str | tuple[float, float],
           threshold: float | None, threshold_file: Path | None, device: str, score_device: str, precision: str,
           workers: int, quiet: bool,
           window: int | None, order: str, reference: Path | None, layout: str, normal_dir: str | None,
@@ -102,7 +103,7 @@ def score(data_dir: Path, model_path: Path, out_dir: Path, batch: int, r_list: t
     if threshold_info is not None:
         threshold = threshold_info.value
 
-    settings = ScoreSettings(batch_size=batch, params=MuscParams.of(r_list, None, k_list), gt=gt, heatmaps=heatmaps,
+    settings = ScoreSettings(batch_size=batch, params=MuscParams.of(r_list, None, k_list, match_radius), gt=gt, heatmaps=heatmaps,
                              device=device, workers=workers, progress=not quiet, window=window, order=order,
                              reference=reference, layout=layout, normal_dir=normal_dir, abnormal_dir=abnormal_dir,
                              mask_dir=mask_dir, mem_budget_bytes=mem_budget, score_device=score_device,

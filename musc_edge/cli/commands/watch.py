@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from musc_edge.cli.options import (device_option, heatmaps_option, k_option, max_file_size_option, mem_budget_option,
+from musc_edge.cli.options import (device_option, heatmaps_option, k_option, match_radius_option, max_file_size_option, mem_budget_option,
                                    model_option, out_option, precision_option, r_option, read_threshold_file,
                                    score_device_option, threshold_file_option)
 from musc_edge.core.errors import InputError
@@ -102,6 +102,7 @@ def line_options(f):
 @max_file_size_option
 @r_option
 @k_option
+@match_radius_option
 @device_option
 @score_device_option
 @precision_option
@@ -109,7 +110,8 @@ def line_options(f):
 def watch(folder: Path, model_path: Path, out_dir: Path, window: int, delay: int, min_pool: int | None,
           reference: Path | None, threshold: float | None, heatmaps: bool, keep_heatmaps: int | None, poll: bool,
           poll_interval: float, new_only: bool, recursive: bool, stable_s: float, batch: int,
-          max_file_bytes: int | None, r_list: tuple[int, ...], k_list: tuple[int, ...], device: str,
+          max_file_bytes: int | None, r_list: tuple[int, ...], k_list: tuple[int, ...], match_radius: int | None,
+          device: str,
           mem_budget: int | None, score_device: str, precision: str, **line) -> None:
     """Watch FOLDER and score each new image as it lands.
 
@@ -134,7 +136,7 @@ def watch(folder: Path, model_path: Path, out_dir: Path, window: int, delay: int
                          http_token=http_token, heatmaps=heatmaps, keep_heatmaps=keep_heatmaps,
                          poll=poll, max_file_bytes=max_file_bytes,
                          poll_interval_s=poll_interval, new_only=new_only, recursive=recursive,
-                         stable_s=stable_s, batch=batch, params=MuscParams.of(r_list, None, k_list),
+                         stable_s=stable_s, batch=batch, params=MuscParams.of(r_list, None, k_list, match_radius),
                          mem_budget_bytes=mem_budget, score_device=score_device, precision=precision)
     with load_model(model_path, device) as model:
         summary = _run(WatchDaemon(config, model, sinks=sinks), out_dir)
