@@ -98,6 +98,13 @@ class BuiltBackbone:
     embed_dim: int
     embedding_layer: int
     export_module: Any = None
+    grid_stride: int | None = None
+
+    @property
+    def stride(self) -> int:
+        """Pixels per token of the grid: the family's choice for these taps (a CNN's finest tapped
+        stage), else the entry's patch size."""
+        return self.spec.patch_size if self.grid_stride is None else self.grid_stride
 
     @property
     def traced_module(self) -> Any:
@@ -106,7 +113,7 @@ class BuiltBackbone:
 
     @property
     def grid(self) -> int:
-        return self.spec.grid(self.image_size)
+        return self.image_size // self.stride
 
     def meta(self, opset: int) -> ModelMeta:
         """The :class:`~musc_edge.core.meta.ModelMeta` the exported file carries."""
@@ -114,7 +121,7 @@ class BuiltBackbone:
 
         return ModelMeta(
             backbone=self.spec.name, family=self.spec.model_family, weights=self.weights_tag,
-            image_size=self.image_size, patch_size=self.spec.patch_size, grid=self.grid, layers=self.layers,
+            image_size=self.image_size, patch_size=self.stride, grid=self.grid, layers=self.layers,
             token_dims=self.token_dims, embed_dim=self.embed_dim, mean=self.spec.mean, std=self.spec.std,
             interpolation=self.spec.interpolation, version=__version__, opset=opset)
 

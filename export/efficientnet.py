@@ -10,9 +10,11 @@ One builder serves every size: a variant is its width/depth multipliers (the coe
 ``efficientnet_lite_builder.py``), which :func:`scaled_stages` turns into the stage table
 :data:`ARCH_STAGES` with TF's rounding rules. The multipliers leave every stage stride unchanged.
 
-MuSc taps (grid stride 8, MUSC_SPEC 1 token layout, docs/export.md "The graph"): by default the
-outputs of the stride-8 stage (stage 3) and of the stride-16 stage (stage 5), the latter resized
-bilinearly to the stride-8 grid; each is emitted as (B, 1 + G*G, C) with a zero CLS slot. The
+MuSc taps (MUSC_SPEC 1 token layout, docs/export.md "The graph"): by default the outputs of the
+stride-8 stage (stage 3) and of the stride-16 stage (stage 5). The token grid is that of the
+finest tapped stage, and coarser taps are resized bilinearly to it: 3,5 give a stride-8 grid (28 x
+28 at 224 px), stage 5 alone its own stride-16 grid (14 x 14), a sixteenth of MSM's pair work.
+Each tap is emitted as (B, 1 + G*G, C) with a zero CLS slot. The
 embedding is the L2-normalised global average of the final 1280-channel head, so every stage is
 kept.
 """
@@ -37,7 +39,7 @@ from .weights import WeightsChoice, load_state_dict
 BN_EPS = 1e-3
 STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
-#: Stride of the token grid all taps are brought to.
+#: Finest token grid a tap may have (stages 1-2, strides 2 and 4, are too fine and too shallow).
 TOKEN_STRIDE = 8
 RANDOM_SEED = 0
 
@@ -250,15 +252,16 @@ class EfficientNetLite(nn.Module):
 
 
 class EffnetTaps(nn.Module):
-    """EfficientNet-Lite -> (tokens of each tapped stage on the stride-8 grid..., embedding)."""
+    """EfficientNet-Lite -> (tokens of each tapped stage on the grid of the finest one..., embedding)."""
 
     def __init__(self, net: EfficientNetLite, stages: tuple[int, ...]) -> None:
         super().__init__()
         self.net = net
         self.stages = tuple(stages)
+        self.stride = grid_stride(net, self.stages)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        grid = (image.shape[-2] // TOKEN_STRIDE, image.shape[-1] // TOKEN_STRIDE)
+        grid = (image.shape[-2] // self.stride, image.shape[-1] // self.stride)
         maps, head = self.net.features(image, self.stages)
         tokens = []
         for m in maps:
@@ -269,6 +272,11 @@ class EffnetTaps(nn.Module):
         emb = head.mean(dim=(2, 3))
         emb = emb / emb.norm(dim=-1, keepdim=True)
         return (*tokens, emb)
+
+
+def grid_stride(net: EfficientNetLite, stages: tuple[int, ...]) -> int:
+    """The token grid's stride: the finest tapped stage's (every tap is brought to its grid)."""
+    return min(net.stage_stride(s) for s in stages)
 
 
 def packaged_weights_path(arch: str = "efficientnet-lite0") -> Path:
@@ -310,8 +318,11 @@ def build(spec: BackboneSpec, weights: WeightsChoice, image_size: int, layers: t
     if shallow:
         raise InputError(f"--layers {','.join(map(str, shallow))}: {spec.name} stages 1-2 are finer than the "
                          f"stride-{TOKEN_STRIDE} token grid; tap stages 3-7 (default 3,5)")
-    if image_size % TOKEN_STRIDE:
-        raise InputError(f"--image-size {image_size} is not a multiple of {TOKEN_STRIDE} for {spec.name}")
+    stride = grid_stride(net, layers)
+    if image_size % stride or image_size < 2 * stride:
+        raise InputError(f"--image-size {image_size} does not fit {spec.name} tapped at stages "
+                         f"{','.join(map(str, layers))}: their stride-{stride} grid needs a multiple of {stride} "
+                         f"of at least {2 * stride}")
     if weights.kind == "pretrained":
         path = packaged_weights_path(spec.arch)
         load_weights(net, load_state_dict(path), f"the packaged checkpoint {path}", v.title)
@@ -323,4 +334,4 @@ def build(spec: BackboneSpec, weights: WeightsChoice, image_size: int, layers: t
     return BuiltBackbone(
         spec=spec, module=module, weights_tag=weights.tag, image_size=image_size, layers=layers,
         token_dims=tuple(net.stage_channels(s) for s in layers), embed_dim=HEAD_CHANNELS,
-        embedding_layer=len(net.stages))
+        embedding_layer=len(net.stages), grid_stride=stride)

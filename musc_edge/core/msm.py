@@ -50,6 +50,11 @@ ROW_GROUP = 4
 TILED_TARGET_BLOCK_BYTES = 256 << 20
 TILED_ROW_GROUP = 8
 
+#: Positional matching's block on a CPU: its running maxima, arg-maxes and one offset's products
+#: (:func:`local_pair_bytes` per pair) stay near the cache while the offsets go by, instead of
+#: streaming ~100 MB arrays from memory for every offset (benchmarks/bench_match_radius.py).
+LOCAL_TARGET_BLOCK_BYTES = 24 << 20
+
 #: The same two sizes for a GPU: a block must fill the device (thousands of rows and columns per
 #: product, one launch per step), and device memory is large, so both are larger.
 GPU_TARGET_BLOCK_BYTES = 2 << 30
@@ -108,7 +113,7 @@ def group_sizes(n: int, L: int, budget_for_block: int, *, gpu: bool = False,
     groups are equal and square, so the batched products over grid positions are large GEMMs.
     """
     if local:
-        target = min(GPU_TARGET_BLOCK_BYTES if gpu else TILED_TARGET_BLOCK_BYTES, budget_for_block)
+        target = min(GPU_TARGET_BLOCK_BYTES if gpu else LOCAL_TARGET_BLOCK_BYTES, budget_for_block)
         b = max(1, min(n, math.isqrt(max(1, target // local_pair_bytes(L)))))
         return b, b
     per_pair = pair_block_bytes(L)

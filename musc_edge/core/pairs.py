@@ -187,8 +187,15 @@ def local_minima(zi: Any, zj: Any, radius: int, *, diagonal: bool = False, preci
     bj = zj.shape[0]
     g = grid_side(L)
     dev = getattr(zi, "device", None)
-    a4 = xp.reshape(zi, (bi, g, g, c))
-    b4 = xp.reshape(zj, (bj, g, g, c))
+    numpy = is_numpy_namespace(xp)
+    # position-major copies, (g, g, b, c): an offset's operands are then views, and each grid
+    # position's (bI, C) x (C, bJ) product is one batched GEMM item
+    pa = xp.permute_dims(xp.reshape(zi, (bi, g, g, c)), (1, 2, 0, 3))
+    pb = xp.permute_dims(xp.reshape(zj, (bj, g, g, c)), (1, 2, 0, 3))
+    if numpy:
+        import numpy as np
+
+        pa, pb = np.ascontiguousarray(pa), np.ascontiguousarray(pb)
     best = xp.full((g, g, bi, bj), -math.inf, dtype=xp.float32, device=dev)
     arg = xp.zeros((g, g, bi, bj), dtype=xp.int32, device=dev)  # flat patch index n into image b
     cell = xp.reshape(xp.arange(L, dtype=xp.int32, device=dev), (g, g))
@@ -196,14 +203,16 @@ def local_minima(zi: Any, zj: Any, radius: int, *, diagonal: bool = False, preci
         y0, y1, x0, x1 = max(0, -dy), min(g, g - dy), max(0, -dx), min(g, g - dx)
         if y1 <= y0 or x1 <= x0:
             continue
-        h, w = y1 - y0, x1 - x0
-        a = xp.reshape(xp.permute_dims(a4[:, y0:y1, x0:x1, :], (1, 2, 0, 3)), (h * w, bi, c))
-        b = xp.reshape(xp.permute_dims(b4[:, y0 + dy:y1 + dy, x0 + dx:x1 + dx, :], (1, 2, 0, 3)), (h * w, bj, c))
-        s = xp.reshape(_batched_product(xp, a, b, precision), (h, w, bi, bj))
+        s = _batched_product(xp, pa[y0:y1, x0:x1, ...], pb[y0 + dy:y1 + dy, x0 + dx:x1 + dx, ...], precision)
         cur = best[y0:y1, x0:x1, ...]
+        n = cell[y0 + dy:y1 + dy, x0 + dx:x1 + dx][:, :, None, None]
+        if numpy:  # in place: one comparison and two masked copies, no temporaries
+            better = np.greater(s, cur, out=_scratch("better", s.shape, np.bool_))
+            np.copyto(cur, s, where=better)
+            np.copyto(arg[y0:y1, x0:x1, ...], np.broadcast_to(n, s.shape), where=better)
+            continue
         better = s > cur
         best[y0:y1, x0:x1, ...] = xp.where(better, s, cur)
-        n = cell[y0 + dy:y1 + dy, x0 + dx:x1 + dx][:, :, None, None]
         arg[y0:y1, x0:x1, ...] = xp.where(better, n, arg[y0:y1, x0:x1, ...])
     del best
     # (g, g, bI, bJ) -> (bJ, bI, L): j_idx[b, a*L + m] indexes zj's flat rows, as _rows builds it
@@ -216,7 +225,7 @@ def local_minima(zi: Any, zj: Any, radius: int, *, diagonal: bool = False, preci
 
 
 def _batched_product(xp: Any, a: Any, b: Any, precision: str) -> Any:
-    """(K, bI, C) x (K, bJ, C) -> (K, bI, bJ) products, as :func:`product` computes each."""
+    """(..., bI, C) x (..., bJ, C) -> (..., bI, bJ) products, as :func:`product` computes each."""
     if precision == "exact":
         return a @ xp.matrix_transpose(b)
     if precision != "fast":

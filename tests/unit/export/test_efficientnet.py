@@ -235,3 +235,18 @@ def test_small_export_metadata(name, dims, tmp_path):
     assert (meta.layers, meta.token_dims, meta.embed_dim) == ((3, 5), dims, 1280)
     outs = sess.run(None, {"image": np.zeros((1, 3, EXPORT_SIZE, EXPORT_SIZE), np.float32)})
     assert [o.shape for o in outs] == [(1, 1 + (EXPORT_SIZE // 8) ** 2, c) for c in dims] + [(1, 1280)]
+
+
+def test_the_grid_is_the_finest_taps_own():
+    """Stage 5 alone keeps its stride-16 grid (a sixteenth of MSM's pair work); with stage 3 it
+    is resized to the stride-8 grid. The metadata's patch size is the grid's stride."""
+    weights = resolve_weights(SPEC, "random")
+    alone = build(SPEC, weights, 64, (5,))
+    both = build(SPEC, weights, 64, (3, 5))
+    assert (alone.stride, alone.grid, alone.meta(17).patch_size) == (16, 4, 16)
+    assert (both.stride, both.grid) == (8, 8)
+    with torch.no_grad():
+        out = alone.module(torch.zeros(2, 3, 64, 64))
+    assert tuple(out[0].shape) == (2, 1 + 4 * 4, 112)
+    with pytest.raises(InputError, match="stride-16 grid needs a multiple of 16"):
+        build(SPEC, weights, 72, (5,))   # a multiple of 8, not of the stage's 16
