@@ -16,6 +16,8 @@ Two steps, both driven by the model's metadata (:class:`musc_edge.core.meta.Mode
   can wait retries.
 * :func:`preprocess` resizes to a square S x S (the aspect ratio is *not* kept, MUSC_SPEC 1, as
   MuSc's released code does), scales to [0, 1] and normalises with the model's mean/std.
+  :func:`load_views` does the same per view of an :class:`~musc_edge.runtime.geometry.InputGeometry`
+  (``--resize pad``: aspect kept, padded with the mean; ``--tiles``: one input per tile).
 
 Why a hand-written resampler instead of ``cv2.resize``: MuSc and open_clip resize PIL images, and
 PIL's bicubic filter differs from OpenCV's (a = -0.5 against -0.75) and, unlike OpenCV, widens its
@@ -38,6 +40,8 @@ import numpy as np
 
 from musc_edge.core.errors import ImageDecodeError, InputError
 from musc_edge.core.meta import ModelMeta
+
+from .geometry import SQUASH, InputGeometry, View, image_views
 
 log = logging.getLogger(__name__)
 
@@ -459,6 +463,43 @@ def input_from_bytes(data: bytes, meta: ModelMeta, *, name: str = "image", max_p
     else:
         resized = resize_like_pil(to_rgb8(native, name=name), size, size, meta.interpolation)
     return _normalise(resized, meta), hw
+
+
+def load_views(path: str | Path, meta: ModelMeta, geometry: InputGeometry = SQUASH, *,
+               max_pixels: int | None = None, max_bytes: int | None = None
+               ) -> tuple[np.ndarray, tuple[int, int], tuple[View, ...]]:
+    """Decode one file into its model inputs under ``geometry`` (``--resize``, ``--tiles``):
+    ((V, 3, S, S) float32, original (h, w), the V views, :mod:`musc_edge.runtime.geometry`)."""
+    path = Path(path)
+    return views_from_bytes(read_image_file(path, max_bytes=max_bytes), meta, geometry, name=str(path),
+                            max_pixels=max_pixels)
+
+
+def views_from_bytes(data: bytes, meta: ModelMeta, geometry: InputGeometry = SQUASH, *, name: str = "image",
+                     max_pixels: int | None = None) -> tuple[np.ndarray, tuple[int, int], tuple[View, ...]]:
+    """:func:`load_views` on bytes already read.
+
+    Each view (a tile, or the whole image) is cut from the decoded pixels and resized on its own
+    with the model's filter: squashed to S x S, or, with ``resize="pad"``, scaled to fit with its
+    aspect kept and placed in a square of the normalisation mean, which is exactly 0 after
+    normalising (so the padding is the same "nothing" for every image and every backbone). With
+    the default geometry the one input equals :func:`input_from_bytes`'s.
+    """
+    native = _decode_native(data, name=name, max_pixels=max_pixels)
+    hw = (int(native.shape[0]), int(native.shape[1]))
+    gray = native.ndim == 2 or (native.ndim == 3 and native.shape[2] == 1)
+    pixels = _to_uint8(native.reshape(hw), name)[:, :, None] if gray else to_rgb8(native, name=name)
+    size = meta.image_size
+    views = tuple(image_views(hw[0], hw[1], size, geometry))
+    out = np.zeros((len(views), 3, size, size), np.float32)
+    for k, view in enumerate(views):
+        y0, y1, x0, x1 = view.box
+        vy0, vy1, vx0, vx1 = view.valid
+        resized = resize_like_pil(pixels[y0:y1, x0:x1], vx1 - vx0, vy1 - vy0, meta.interpolation)
+        if gray:  # resized as one channel: 3x less work for gray line cameras
+            resized = np.repeat(resized, 3, axis=2)
+        out[k, :, vy0:vy1, vx0:vx1] = _normalise(resized, meta)
+    return out, hw, views
 
 
 def _normalise(resized: np.ndarray, meta: ModelMeta) -> np.ndarray:

@@ -142,3 +142,27 @@ def read_threshold_file(path: Path | None, threshold: float | None):
     from musc_edge.core.threshold import read_threshold
 
     return read_threshold(path)
+
+
+# --- input geometry (docs/runtime.md, "Input geometry") ------------------------------------------
+resize_option = click.option(
+    "--resize", default="squash", show_default=True, type=click.Choice(["squash", "pad"]),
+    help="How an image (or tile) becomes the model's square input: squash (MuSc: aspect not kept) or pad "
+         "(aspect kept, padded with the normalisation mean; the padding gets no score and is cropped from the maps).")
+
+
+def _tiles(ctx: click.Context, param: click.Parameter, value: str | None):
+    from musc_edge.runtime.geometry import parse_tiles
+
+    return None if value is None else parse_tiles(value)
+
+
+tiles_option = click.option(
+    "--tiles", default=None, metavar="RxC[:OVERLAP]", callback=_tiles,
+    help="Cut each image into R x C tiles, each at the model's size (large images keep their detail); OVERLAP "
+         "is a fraction 0..0.5 of a tile's side (2x2:0.1). Maps are stitched at the original size (overlaps "
+         "averaged); the image score is the max over its tiles. The tiles' pool must fit --mem-budget.")
+tile_match_option = click.option(
+    "--tile-match", "tile_match", default=None, type=click.Choice(["aligned", "any"]),
+    help="With --tiles: aligned (default; a tile is scored against the same tile position of the other images) "
+         "or any (against every tile of the other images: one pool of N*R*C tiles).")

@@ -75,6 +75,7 @@ def score_tokens(
     precision: str = "exact",
     progress: Callable[[int, int], None] | None = None,
     exclude: np.ndarray | None = None,
+    valid: np.ndarray | None = None,
 ) -> Scores:
     """Score a pool of images from their tapped-layer tokens (MUSC_SPEC 2-5).
 
@@ -90,6 +91,12 @@ def score_tokens(
         (:mod:`musc_edge.core.device`).
     exclude: optional (N, N) bool, ``exclude[i, j]``: image j does not score image i (see
         :func:`musc_edge.core.msm.msm`); None: every other image scores every image.
+    valid: optional (N, G*G) bool, the patches that belong to the image (False: padding of a
+        letterboxed input, docs/runtime.md "Input geometry"). The raw image score is the maximum
+        over the valid patches only (MUSC_SPEC 4 over the image, not its padding), and RsCIN
+        re-scores those. Every patch is still scored and stays in ``patch_maps``, and invalid
+        patches remain candidates when other images' patches look for their nearest patch
+        (padding is uniform, far from any texture). None: every patch is valid.
     progress: called as ``progress(done, total)`` with ``done`` of ``total`` (layer, r) MSM calls
         finished, first with ``done = 0``; each call is one O(N^2) pass, the natural unit of the
         work. The caller draws the bar, so the core needs no progress library.
@@ -104,6 +111,14 @@ def score_tokens(
             raise InputError(f"embeddings must be (N, D) with N = {n} (one per image), got shape {e.shape}")
         if not np.isfinite(e).all():
             raise InputError(f"embeddings (shape {e.shape}) contain NaN or inf")
+
+    mask = None
+    if valid is not None:
+        mask = np.asarray(valid)
+        if mask.shape != (n, g * g) or mask.dtype != np.bool_:
+            raise InputError(f"valid must be an (N, G*G) = ({n}, {g * g}) bool array, got {mask.dtype} {mask.shape}")
+        if not mask.any(axis=1).all():
+            raise InputError(f"valid leaves image {int(np.flatnonzero(~mask.any(axis=1))[0])} with no patch to score")
 
     xp = dev.xp
     total = xp.zeros((n, g * g), dtype=xp.float64)
@@ -123,7 +138,10 @@ def score_tokens(
                 progress(count, n_calls)
         del t
     maps = xp.reshape(total / count, (n, g, g))
-    raw = xp.max(xp.reshape(maps, (n, g * g)), axis=1)
+    flat = xp.reshape(maps, (n, g * g))
+    if mask is not None:
+        flat = xp.where(dev.asarray(mask), flat, -xp.inf)
+    raw = xp.max(flat, axis=1)
     final = raw if embeddings is None else rscin(raw, dev.asarray(embeddings), params.k_list)
     maps, raw = dev.to_host(maps), dev.to_host(raw)
     final = raw.copy() if embeddings is None else dev.to_host(final)

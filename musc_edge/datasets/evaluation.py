@@ -40,6 +40,19 @@ class _LazyMaps(Sequence):
         return full_size_map(self.patch_maps[j], self.sizes[j])
 
 
+class _Picked(Sequence):
+    """``maps[index[i]]`` on access: a lazy sequence of full-size maps, restricted to ``index``."""
+
+    def __init__(self, maps: Sequence[np.ndarray], index: list[int]) -> None:
+        self.maps, self.index = maps, index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> np.ndarray:  # type: ignore[override]
+        return np.asarray(self.maps[self.index[i]], dtype=np.float32)
+
+
 class _LazyMasks(Sequence):
     """Masks read on access: a good image's mask is all zero (MVTec convention)."""
 
@@ -57,8 +70,13 @@ class _LazyMasks(Sequence):
         return read_mask(s.mask_path, hw, nonzero=s.mask_nonzero)
 
 
-def evaluate(samples: list[Sample], sizes: list[tuple[int, int]], scores: Scores, warnings: list[str]) -> dict | None:
-    """Every metric of MUSC_SPEC 6 the ground truth allows; undefined ones are None with a reason."""
+def evaluate(samples: list[Sample], sizes: list[tuple[int, int]], scores: Scores, warnings: list[str],
+             maps: Sequence[np.ndarray] | None = None) -> dict | None:
+    """Every metric of MUSC_SPEC 6 the ground truth allows; undefined ones are None with a reason.
+
+    ``maps``: each image's full-size map by index, computed on access (``score --resize pad`` or
+    ``--tiles``: cropped and stitched maps); None: upsampled from ``scores.patch_maps``.
+    """
     result: dict[str, Any] = {}
     reasons: dict[str, str] = {}
     labelled = [i for i, s in enumerate(samples) if s.label is not None]
@@ -86,7 +104,9 @@ def evaluate(samples: list[Sample], sizes: list[tuple[int, int]], scores: Scores
     if any(samples[i].mask_path is not None for i in pixel_index):
         with _warnings.catch_warnings():
             _warnings.simplefilter("ignore")
-            pm = pixel_metrics(_LazyMasks(samples, sizes, pixel_index), _LazyMaps(scores.patch_maps, sizes, pixel_index))
+            full = (_LazyMaps(scores.patch_maps, sizes, pixel_index) if maps is None
+                    else _Picked(maps, pixel_index))
+            pm = pixel_metrics(_LazyMasks(samples, sizes, pixel_index), full)
         result["pixel"] = dict(pm)
         reasons.update({f"pixel.{k}": v for k, v in pm.reasons.items()})
         result["counts"]["pixel_images"] = len(pixel_index)

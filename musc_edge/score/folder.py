@@ -17,6 +17,11 @@
    original image size; maps are upsampled one image at a time from the G x G maps, never all
    held at full size besides the pooled pixel scores the metrics need.
 
+Input geometry (``settings.resize`` ``pad``, ``settings.tiles``; batch mode only): each image
+becomes one letterboxed input or R x C tiles (:mod:`musc_edge.runtime.geometry`), scored by
+:class:`musc_edge.score.geometry.GeometryPool`; maps are cropped and stitched back at the
+original size for heatmaps and pixel metrics.
+
 Batch MuSc multiplies every image pair (MUSC_SPEC 3): its time grows as N^2. Before the features
 are computed, :func:`estimate_score_seconds` puts a rough figure on it and a batch run that would
 take longer than :data:`SLOW_SCORE_WARN_S` warns in one line (and in ``run.json``), suggesting
@@ -48,6 +53,9 @@ from musc_edge.datasets import Dataset, Sample, discover, grouped_by_type, order
 from musc_edge.datasets.evaluation import evaluate, full_size_map
 from musc_edge.outputs import (RUN_SCALE, colour_range, heatmap_overlay, heatmap_panel, output_names, verdict,
                                write_csv, write_json, write_png)
+from musc_edge.runtime.geometry import InputGeometry, TileSpec
+
+from .geometry import GeometryPool, ImageMaps
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +104,24 @@ class ScoreSettings:
     max_file_bytes: int | None = None  #: --max-file-size (None: the runtime's limit, 256 MiB)
     threshold: float | None = None  #: on the raw score: verdict column, heatmap verdict and contour
     heatmap_scale: str | tuple[float, float] = RUN_SCALE  #: "run" (the run's map range) or a fixed (lo, hi)
+    resize: str = "squash"  #: "squash" (MUSC_SPEC 1) or "pad" (aspect kept, padding masked out); batch mode only
+    tiles: TileSpec | None = None  #: R x C tiles per image (batch mode only); None: one input per image
+    tile_match: str = "aligned"  #: with tiles: "aligned" (same tile position) or "any" (every other image's tile)
+
+    @property
+    def geometry(self) -> InputGeometry:
+        """The input geometry these settings ask for (:mod:`musc_edge.runtime.geometry`)."""
+        return InputGeometry(resize=self.resize, tiles=self.tiles or TileSpec())
 
 
 @dataclass
 class ScoreResult:
-    """What ``score_folder`` produced (also on disk under ``out_dir``)."""
+    """What ``score_folder`` produced (also on disk under ``out_dir``).
+
+    ``scores.patch_maps`` are the model-grid maps: (N, G, G), pad cells included with
+    ``--resize pad``, and (N, R*C, G, G) per tile with ``--tiles``; ``maps`` then gives each image's
+    map at its original size (cropped, stitched), as the heatmaps and pixel metrics use it.
+    """
 
     out_dir: Path
     samples: list[Sample]
@@ -110,6 +131,8 @@ class ScoreResult:
     metrics: dict | None
     run: dict
     files: dict[str, str] = field(default_factory=dict)
+    #: with --resize pad or --tiles: the full-size maps (cropped, stitched); None: upsampled patch_maps
+    maps: ImageMaps | None = None
 
 
 @dataclass
@@ -137,6 +160,12 @@ def score_folder(data_dir: str | Path, model_path: str | Path, out_dir: str | Pa
     """
     if settings.window is not None and score_step is not batch_score_step:
         raise ValueError("score_step replaces batch MuSc; it does not apply with settings.window")
+    geometry = settings.geometry
+    if settings.window is not None and not geometry.is_default:
+        raise InputError("--tiles and --resize pad are batch-mode options: the rolling window (--window) neither "
+                         "masks padding nor pools tiles; drop --window or those flags")
+    if not geometry.is_default and score_step is not batch_score_step:
+        raise ValueError("score_step replaces batch MuSc; it does not apply with --tiles or --resize pad")
     if settings.reference is not None and settings.window is None:
         raise InputError("--reference needs --window: without a window every image is already scored "
                          "against all the others")
@@ -195,6 +224,7 @@ def score_folder(data_dir: str | Path, model_path: str | Path, out_dir: str | Pa
     finally:
         score_bar.close()
     timings["score_s"] = ext.score_s + time.perf_counter() - t
+    maps = pool.maps if isinstance(pool, GeometryPool) else None
 
     out_dir.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
@@ -204,14 +234,16 @@ def score_folder(data_dir: str | Path, model_path: str | Path, out_dir: str | Pa
     heatmap_range = None
     if settings.heatmaps:
         t = time.perf_counter()
-        heatmap_range = colour_range(scores.patch_maps, settings.heatmap_scale)
+        heatmap_range = (colour_range(scores.patch_maps, settings.heatmap_scale) if maps is None else
+                         colour_range(np.array(maps.value_range()), settings.heatmap_scale))
         files["maps"], files["panels"] = (str(p) for p in _write_heatmaps(
-            out_dir, ext.samples, ext.sizes, scores, settings, heatmap_range, warnings))
+            out_dir, ext.samples, ext.sizes, scores, settings, heatmap_range, warnings, maps))
         timings["heatmaps_s"] = time.perf_counter() - t
     metrics = None
     t = time.perf_counter()
     if dataset.has_labels or any(s.label is not None for s in ext.samples):
-        metrics = evaluate(ext.samples, ext.sizes, scores, warnings)
+        metrics = evaluate(ext.samples, ext.sizes, scores, warnings,
+                           maps=None if maps is None else maps.sequence(ext.sizes))
         if metrics is not None:
             write_json(out_dir / "metrics.json", metrics)
             files["metrics"] = str(out_dir / "metrics.json")
@@ -227,13 +259,16 @@ def score_folder(data_dir: str | Path, model_path: str | Path, out_dir: str | Pa
         "model": {"path": str(model_path), "backend": extractor.description, "random_weights": meta.is_random,
                   "meta": meta.to_dict()},
         "settings": {"batch": settings.batch_size, "r": list(settings.params.r_list), "k": list(settings.params.k_list),
-                     "interval": list(settings.params.interval), "layout": settings.layout,
+                     "interval": list(settings.params.interval),
+                     "match_radius": settings.params.match_radius, "layout": settings.layout,
                      "gt": str(settings.gt), "heatmaps": settings.heatmaps, "device": settings.device,
                      "workers": settings.workers, "scorer": pool.name, "window": settings.window,
                      "score_device": getattr(pool, "device_name", settings.score_device),
                      "precision": settings.precision, "order": settings.order,
                      "reference": None if settings.reference is None else str(settings.reference),
                      "threshold": settings.threshold, "heatmap_scale": settings.heatmap_scale,
+                     "resize": settings.resize, "tiles": None if settings.tiles is None else str(settings.tiles),
+                     "tile_match": settings.tile_match if settings.tiles is not None else None,
                      **({"heatmap_range": list(heatmap_range)} if heatmap_range is not None else {})},
         "counts": {"found": len(dataset.samples), "scored": len(ext.samples), "skipped": len(ext.skipped),
                    **({"references": len(references)} if references else {})},
@@ -247,7 +282,7 @@ def score_folder(data_dir: str | Path, model_path: str | Path, out_dir: str | Pa
     write_json(out_dir / "run.json", run)
     files["run"] = str(out_dir / "run.json")
     return ScoreResult(out_dir=out_dir, samples=ext.samples, sizes=ext.sizes, scores=scores,
-                       skipped=ext.skipped, metrics=metrics, run=run, files=files)
+                       skipped=ext.skipped, metrics=metrics, run=run, files=files, maps=maps)
 
 
 def make_pool_scorer(settings: ScoreSettings, meta: ModelMeta, n_images: int,
@@ -259,6 +294,9 @@ def make_pool_scorer(settings: ScoreSettings, meta: ModelMeta, n_images: int,
     images added) with a window.
     """
     device = resolve_device(settings.score_device, settings.precision)
+    if settings.window is None and not settings.geometry.is_default:
+        return GeometryPool(meta, n_images, settings.geometry, settings.tile_match, settings.params, device,
+                            mem_budget_bytes=settings.mem_budget_bytes, progress=progress)
     if settings.window is None:
         return BatchPool(meta, n_images, settings.params, score_step, device, progress=progress)
     return StreamPool(meta, settings.window, settings.params, mem_budget_bytes=settings.mem_budget_bytes,
@@ -290,6 +328,18 @@ def _warn_if_slow(settings: ScoreSettings, meta: ModelMeta, n_images: int, warni
     if settings.window is not None:
         return None
     device = "cuda" if settings.score_device == "cuda" else "cpu"  # auto: the CPU's slower figure
+    per_image = settings.geometry.views_per_image
+    if per_image > 1:  # aligned: V pools of N tiles; any: one pool of N * V tiles
+        estimate = (estimate_score_seconds(n_images * per_image, meta, settings.params, device)
+                    if settings.tile_match == "any" else
+                    per_image * estimate_score_seconds(n_images, meta, settings.params, device))
+        if estimate > SLOW_SCORE_WARN_S:
+            warnings.append(f"batch scoring of {n_images} images x {per_image} tiles (--tile-match "
+                            f"{settings.tile_match}): roughly {_duration(estimate)} of MuSc on {device}; fewer tiles"
+                            + (", --tile-match aligned" if settings.tile_match == "any" else "")
+                            + " or a smaller --r list shorten it")
+            log.warning("%s", warnings[-1])
+        return estimate
     estimate = estimate_score_seconds(n_images, meta, settings.params, device)
     if estimate > SLOW_SCORE_WARN_S:
         windowed = estimate_score_seconds(n_images, meta, settings.params, device, window=SUGGESTED_WINDOW)
@@ -382,6 +432,7 @@ def _extract(dataset: Dataset, extractor: Any, settings: ScoreSettings, pool: Po
     from musc_edge.runtime.pipeline import iter_features
 
     n = len(dataset.samples)
+    geometry = None if settings.geometry.is_default else settings.geometry
     by_path = {s.path: s for s in dataset.samples}
     samples: list[Sample] = []
     sizes: list[tuple[int, int]] = []
@@ -394,13 +445,16 @@ def _extract(dataset: Dataset, extractor: Any, settings: ScoreSettings, pool: Po
         scored.bar = bar
     try:
         for batch in iter_features([s.path for s in dataset.samples], extractor, settings.batch_size,
-                                   workers=settings.workers, max_bytes=settings.max_file_bytes):
+                                   workers=settings.workers, max_bytes=settings.max_file_bytes, geometry=geometry):
             skipped += [(str(p), reason) for p, reason in batch.skipped]
             decode_s += batch.decode_s
             infer_s += batch.infer_s
             if batch.features is not None:
                 t = time.perf_counter()
-                pool.add(batch.features.tokens, batch.features.embedding)
+                if isinstance(pool, GeometryPool):
+                    pool.add(batch.features.tokens, batch.features.embedding, views=batch.views)
+                else:
+                    pool.add(batch.features.tokens, batch.features.embedding)
                 score_s += time.perf_counter() - t
                 samples += [by_path[p] for p in batch.paths]
                 sizes += list(batch.sizes)
@@ -434,8 +488,12 @@ def _write_scores(out_dir: Path, samples: list[Sample], scores: Scores, threshol
 
 
 def _write_heatmaps(out_dir: Path, samples: list[Sample], sizes: list[tuple[int, int]], scores: Scores,
-                    settings: ScoreSettings, colour: tuple[float, float], warnings: list[str]) -> tuple[Path, Path]:
+                    settings: ScoreSettings, colour: tuple[float, float], warnings: list[str],
+                    maps: ImageMaps | None = None) -> tuple[Path, Path]:
     """Per image: the overlay at its original size (``maps/``) and the panel (``panels/``).
+
+    ``maps`` (--resize pad, --tiles): the cropped and stitched full-size maps; else the patch maps
+    upsampled (MUSC_SPEC 4).
 
     One colour scale ``colour`` for the run (``--heatmap-scale``). A heatmap that cannot be written
     is a warning and the next one is tried: an output never costs the run its other outputs.
@@ -448,8 +506,9 @@ def _write_heatmaps(out_dir: Path, samples: list[Sample], sizes: list[tuple[int,
     vmin, vmax = colour
     note = _scale_note(settings.heatmap_scale, vmin, vmax)
     failed: list[str] = []
-    items = zip(samples, sizes, output_names(samples), scores.patch_maps, scores.image_scores_raw, scores.image_scores)
-    for s, hw, name, pmap, raw, final in tqdm(items, total=len(samples), desc="heatmaps", unit="img",
+    items = zip(range(len(samples)), samples, sizes, output_names(samples), scores.image_scores_raw,
+                scores.image_scores)
+    for i, s, hw, name, raw, final in tqdm(items, total=len(samples), desc="heatmaps", unit="img",
                                               file=sys.stderr, disable=not settings.progress, dynamic_ncols=True):
         try:
             image = decode_image(s.path)
@@ -459,7 +518,7 @@ def _write_heatmaps(out_dir: Path, samples: list[Sample], sizes: list[tuple[int,
         if image.shape[:2] != tuple(hw):
             warnings.append(f"no heatmap for {s.rel}: the file changed size since it was scored")
             continue
-        amap = full_size_map(pmap, hw)
+        amap = full_size_map(scores.patch_maps[i], hw) if maps is None else maps.full(i, hw)
         renders = ((maps_dir / name, partial(heatmap_overlay, image, amap, vmin, vmax, threshold=settings.threshold)),
                    (panels_dir / name, partial(heatmap_panel, image, amap, vmin, vmax, title=s.rel, raw_score=raw,
                                                image_score=final, threshold=settings.threshold, scale_note=note)))

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from musc_edge.cli.options import (batch_option, device_option, heatmaps_option, k_option, match_radius_option, layout_options,
                                    max_file_size_option, mem_budget_option, model_option, out_option,
                                    precision_option, r_option,
-                                   read_threshold_file, score_device_option, threshold_file_option)
+                                   read_threshold_file, resize_option, score_device_option, threshold_file_option,
+                                   tile_match_option, tiles_option)
+
+if TYPE_CHECKING:
+    from musc_edge.runtime.geometry import TileSpec
 
 
 def _heatmap_scale(ctx: click.Context, param: click.Parameter, value: str) -> str | tuple[float, float]:
@@ -67,6 +72,9 @@ def _heatmap_scale(ctx: click.Context, param: click.Parameter, value: str) -> st
 @click.option("--reference", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
               metavar="DIR", help="With --window: known-good images that seed every window and are never "
                                   "scored, so a defect repeated through a window still stands out.")
+@resize_option
+@tiles_option
+@tile_match_option
 @mem_budget_option
 @max_file_size_option
 def score(data_dir: Path, model_path: Path, out_dir: Path, batch: int, r_list: tuple[int, ...],
@@ -74,7 +82,8 @@ def score(data_dir: Path, model_path: Path, out_dir: Path, batch: int, r_list: t
           threshold: float | None, threshold_file: Path | None, device: str, score_device: str, precision: str,
           workers: int, quiet: bool,
           window: int | None, order: str, reference: Path | None, layout: str, normal_dir: str | None,
-          abnormal_dir: str | None, mask_dir: str | None, mem_budget: int | None, max_file_bytes: int | None) -> None:
+          abnormal_dir: str | None, mask_dir: str | None, resize: str, tiles: TileSpec | None, tile_match: str | None,
+          mem_budget: int | None, max_file_bytes: int | None) -> None:
     """Score every image of DIR against the others (MuSc, zero-shot) and write the results.
 
     DIR is a flat folder of images (jpg/png/bmp/tiff), an MVTec AD category (DIR/test/<type>/,
@@ -91,14 +100,22 @@ def score(data_dir: Path, model_path: Path, out_dir: Path, batch: int, r_list: t
     Batch scoring grows as N^2; when it would take more than about 10 minutes, score says so
     before it starts and suggests --window.
 
+    Input geometry (batch mode): --resize pad keeps the aspect ratio (padding masked out of the
+    scores and maps); --tiles RxC[:OVERLAP] scores each image as R x C tiles at the model's size,
+    against the same tile of the other images (--tile-match aligned) or any of their tiles (any).
+
     \b
     Examples:
       musc-edge score data/magnetic_tile --model effnet.onnx --out results --heatmaps
       musc-edge score /data/line1 --model effnet.onnx --out results --window 64 --order mtime
+      musc-edge score /data/boards --model effnet.onnx --out results --tiles 2x3:0.1 --resize pad
     """
+    from musc_edge.core.errors import InputError
     from musc_edge.core.params import MuscParams
     from musc_edge.score.folder import ScoreSettings, score_folder
 
+    if tile_match is not None and tiles is None:
+        raise InputError("--tile-match needs --tiles RxC: without tiles each image is one input")
     threshold_info = read_threshold_file(threshold_file, threshold)
     if threshold_info is not None:
         threshold = threshold_info.value
@@ -108,7 +125,8 @@ def score(data_dir: Path, model_path: Path, out_dir: Path, batch: int, r_list: t
                              reference=reference, layout=layout, normal_dir=normal_dir, abnormal_dir=abnormal_dir,
                              mask_dir=mask_dir, mem_budget_bytes=mem_budget, score_device=score_device,
                              precision=precision, threshold=threshold, heatmap_scale=heatmap_scale,
-                             max_file_bytes=max_file_bytes)
+                             max_file_bytes=max_file_bytes, resize=resize, tiles=tiles,
+                             tile_match=tile_match or "aligned")
     result = score_folder(data_dir, model_path, out_dir, settings)
     if threshold_info is not None:
         _add_normalised(result.out_dir, threshold_info, threshold_file)
