@@ -16,6 +16,10 @@ as ``musc-edge export``), its features are extracted by the runtime (``load_mode
 same depth in every EfficientNet-Lite size), or ``L`` and 1-indexed layers (``L3+4+5``, any
 backbone). ``--sizes`` items: a side in pixels or ``native`` (the entry's own size).
 
+``--match-radius`` items (``global``, ``0``, ``2``...) score the same features once each
+(positional matching, docs/scorer.md); ``--resize squash,pad`` extracts and scores each input
+geometry as ``musc-edge score --resize`` does (docs/runtime.md "Input geometry").
+
 ``--subset N`` scores a fixed, stratified random subset (each defect type keeps its share of the
 444 images; ``--seed``) because batch MuSc costs O(N^2): a 120-image pool at a 28x28 grid takes
 about a minute on two CPU cores, all 444 several minutes per configuration. ``--pick spaced``
@@ -130,18 +134,22 @@ def export_config(cfg: Config, workdir: Path) -> tuple[Path, float, float]:
     return result.path, time.perf_counter() - t, max(result.max_abs_diff.values())
 
 
-def extract(model: Path, samples: list, device: str, batch: int, threads: int) -> dict:
-    """Tokens, embeddings and original sizes of ``samples`` from the runtime, with timings."""
+def extract(model: Path, samples: list, device: str, batch: int, threads: int, resize: str = "squash") -> dict:
+    """Tokens, embeddings, original sizes (and with ``--resize pad`` each image's views) of
+    ``samples`` from the runtime, with timings."""
+    from musc_edge.runtime.geometry import InputGeometry
     from musc_edge.runtime.model import load_model
     from musc_edge.runtime.pipeline import iter_features
 
     opts = {"threads": threads} if threads else {}
+    geometry = None if resize == "squash" else InputGeometry(resize)
     tokens: list[list[np.ndarray]] = []
-    embeddings, sizes, paths = [], [], []
+    embeddings, sizes, paths, views = [], [], [], []
     infer_s = 0.0
     with load_model(model, device, **opts) as extractor:
         t = time.perf_counter()
-        for b in iter_features([s.path for s in samples], extractor, batch):
+        for b in iter_features([s.path for s in samples], extractor, batch, geometry=geometry):
+            views += list(b.views)
             if b.skipped:
                 raise RuntimeError(f"unreadable image {b.skipped[0][0]}: {b.skipped[0][1]}")
             if b.features is None:
@@ -157,34 +165,70 @@ def extract(model: Path, samples: list, device: str, batch: int, threads: int) -
         raise RuntimeError("the runtime returned the images out of order")
     layers = [np.concatenate([t[i] for t in tokens]) for i in range(len(tokens[0]))]
     return {"tokens": layers, "embedding": np.concatenate(embeddings), "sizes": sizes, "meta": meta,
-            "backend": backend, "wall_s": wall, "infer_s": infer_s}
+            "backend": backend, "wall_s": wall, "infer_s": infer_s, "views": views, "geometry": geometry}
 
 
-def run_config(cfg: Config, samples: list, workdir: Path, args: argparse.Namespace) -> dict:
-    """Export, extract, score and evaluate one configuration; the row of the output JSON."""
+def run_config(cfg: Config, samples: list, workdir: Path, args: argparse.Namespace) -> list[dict]:
+    """Export and extract one configuration, then score and evaluate it at every ``--match-radius``;
+    the rows of the output JSON (the features are extracted once for all radii)."""
+    model, export_s, parity = export_config(cfg, workdir)
+    rows = []
+    for resize in (r.strip() for r in args.resize.split(",") if r.strip()):
+        feats = extract(model, samples, args.device, args.batch, args.threads, resize)
+        for radius in parse_radii(args.match_radius):
+            row = score_config(cfg, samples, feats, args, radius)
+            row.update(resize=resize, export_s=round(export_s, 2), parity_max_abs_diff=float(f"{parity:.3g}"))
+            print("bench_quality: " + json.dumps({k: row[k] for k in (
+                "backbone", "layers", "image_size", "resize", "match_radius", "image_auroc", "pixel_auroc", "aupro",
+                "score_s_per_image")}), file=sys.stderr, flush=True)
+            rows.append(row)
+        del feats
+    model.unlink()
+    return rows
+
+
+def parse_radii(text: str) -> list[int | None]:
+    """``--match-radius`` items: ``global`` or integers >= 0."""
+    from musc_edge.cli.options import parse_match_radius
+
+    return [parse_match_radius(t) for t in text.split(",") if t.strip()]
+
+
+def score_config(cfg: Config, samples: list, feats: dict, args: argparse.Namespace, radius: int | None) -> dict:
+    """Batch MuSc on extracted features (one match radius), evaluated; one row of the output."""
+    from musc_edge.core.params import MuscParams
     from musc_edge.core.scorer import score_tokens
     from musc_edge.datasets.evaluation import evaluate
 
-    model, export_s, parity = export_config(cfg, workdir)
-    feats = extract(model, samples, args.device, args.batch, args.threads)
+    params = MuscParams(match_radius=radius)
     t = time.perf_counter()
-    scores = score_tokens(feats["tokens"], feats["embedding"], device=args.score_device)
+    full_maps = None
+    if feats["geometry"] is None:
+        scores = score_tokens(feats["tokens"], feats["embedding"], device=args.score_device, params=params)
+    else:  # what `score --resize pad` runs: pad cells out of the image score, maps cropped
+        from musc_edge.core.device import resolve_device
+        from musc_edge.score.geometry import GeometryPool
+
+        pool = GeometryPool(feats["meta"], len(samples), feats["geometry"], "aligned", params,
+                            device=resolve_device(args.score_device, "exact"))
+        pool.add(feats["tokens"], feats["embedding"], views=[tuple(v) for v in feats["views"]])
+        scores = pool.finish()
+        full_maps = pool.maps.sequence(feats["sizes"])
     score_s = time.perf_counter() - t
     t = time.perf_counter()
     warnings: list[str] = []
-    metrics = evaluate(samples, feats["sizes"], scores, warnings) or {}
+    metrics = evaluate(samples, feats["sizes"], scores, warnings, maps=full_maps) or {}
     eval_s = time.perf_counter() - t
-    model.unlink()
     n, meta = len(samples), feats["meta"]
     image, pixel = metrics.get("image") or {}, metrics.get("pixel") or {}
     return {
         "backbone": cfg.backbone, "taps": cfg.taps, "layers": list(cfg.layers), "image_size": cfg.image_size,
-        "grid": meta.grid, "token_dims": list(meta.token_dims), "images": n,
+        "match_radius": radius, "grid": meta.grid, "token_dims": list(meta.token_dims), "images": n,
         "image_auroc": _r(image.get("auroc")), "pixel_auroc": _r(pixel.get("auroc")), "aupro": _r(pixel.get("aupro")),
         "image_ap": _r(image.get("ap")), "image_f1_max": _r(image.get("f1_max")), "pixel_ap": _r(pixel.get("ap")),
         "features_s_per_image": round(feats["wall_s"] / n, 4), "backbone_s_per_image": round(feats["infer_s"] / n, 4),
         "score_s_per_image": round(score_s / n, 4), "score_s": round(score_s, 2), "eval_s": round(eval_s, 2),
-        "export_s": round(export_s, 2), "parity_max_abs_diff": float(f"{parity:.3g}"), "backend": feats["backend"], "undefined": metrics.get("undefined", {}),
+        "backend": feats["backend"], "undefined": metrics.get("undefined", {}),
         "warnings": warnings,
     }
 
@@ -204,6 +248,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of --pick random [0]")
     p.add_argument("--device", default="cpu", help="feature extraction device (musc-edge --device) [cpu]")
     p.add_argument("--score-device", default="cpu", choices=("cpu", "cuda", "auto"), help="MuSc device [cpu]")
+    p.add_argument("--resize", default="squash", help="comma-separated: squash, pad (score --resize) [squash]")
+    p.add_argument("--match-radius", default="global",
+                   help="comma-separated: global, or P (positional matching, MuscParams.match_radius) [global]")
     p.add_argument("--batch", type=int, default=8, help="feature batch size [8]")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores) [0]")
     return p.parse_args(argv)
@@ -230,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         for cfg in todo:
             print(f"bench_quality: {cfg.backbone} @ {cfg.image_size}, layers {cfg.layers} on {len(samples)} images",
                   file=sys.stderr, flush=True)
-            out["results"].append(run_config(cfg, samples, Path(tmp), args))
+            out["results"] += run_config(cfg, samples, Path(tmp), args)
     out["machine"]["load_avg_1m_end"] = os.getloadavg()[0]
     json.dump(out, sys.stdout, indent=2)
     sys.stdout.write("\n")
