@@ -3,6 +3,7 @@
     python benchmarks/bench_int8.py --backbone vit_b16 --no-musc           # speed + cosine (random weights)
     python benchmarks/bench_int8.py --backbone efficientnet_lite0 --modes static-cnn --eval subset
     python benchmarks/bench_int8.py --modes static,dynamic --batch 8 --repeats 5
+    python benchmarks/bench_int8.py --backbone efficientnet_lite0 --modes static-cnn --bias-correction off
 
 Every mode of ``musc-edge calibrate`` (``static``, ``static-pc``, ``static-cnn``, ``dynamic``)
 quantizes the same FP32 export. ``--eval`` picks the images cosine and AUROC are measured on:
@@ -15,9 +16,14 @@ evaluated set (for ``all`` there are none: the calibration images are then evalu
 the output says). All models are timed interleaved, round by round (FP32, mode 1, mode 2, ...,
 FP32, ...), median per model.
 
-Prints one JSON object with images/s, ratio to FP32, cosine (min over images) per output, image
-and pixel AUROC per model, and the issue-5 floors: INT8 >= 1.6x FP32 at batch 8 for ViT-B/16,
-image AUROC drop <= 0.01 for efficientnet_lite0. Random weights for CLIP ViTs (speed and cosine
+``--bias-correction off`` quantizes the static modes without bias correction (to see what it
+buys; ``static-cnn``'s recipe before it also kept only the stem and block 0's depthwise conv in
+FP32, docs/int8_tensorrt.md); ``on`` adds it to every static mode; ``default`` leaves each mode's
+own choice (on for ``static-cnn`` only).
+
+Prints one JSON object with images/s, ratio to FP32, cosine (mean and min over 16 images spread
+over the evaluated set) per output, image and pixel AUROC per model, and the issue-5 floors:
+INT8 >= 1.6x FP32 at batch 8 for ViT-B/16, image AUROC drop <= 0.01 for efficientnet_lite0. Random weights for CLIP ViTs (speed and cosine
 do not need trained weights; AUROC does, so it is skipped for them unless --musc is forced).
 """
 
@@ -112,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval", dest="eval_set", choices=("sample", "subset", "all"), default="subset",
                    help="images for cosine and AUROC: the 40-image sample, the 120-image MTD subset, all 444")
     p.add_argument("--method", default=None, help="calibration method of the static modes [minmax]")
+    p.add_argument("--bias-correction", choices=("default", "on", "off"), default="default",
+                   help="bias correction of the static modes: each mode's default (on for static-cnn), on, or off")
     p.add_argument("--num", type=int, default=32, help="calibration images")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
@@ -140,10 +148,13 @@ def main(argv: list[str] | None = None) -> int:
         paths = {"fp32": fp32_path}
         for m in modes:
             t = time.perf_counter()
-            cfg = make_config(m, None if m == "dynamic" else args.method, num=args.num, batch=args.batch)
+            bias = None if m == "dynamic" or args.bias_correction == "default" else args.bias_correction == "on"
+            cfg = make_config(m, None if m == "dynamic" else args.method, num=args.num, batch=args.batch,
+                              bias_correction=bias)
             result = quantize_model(fp32_path, Path(tmp) / f"{m}.onnx", cfg, calib)
             paths[m] = result.path
-            out["models"][m] = {"quantize_s": round(time.perf_counter() - t, 1), "method": cfg.method}
+            out["models"][m] = {"quantize_s": round(time.perf_counter() - t, 1), "method": cfg.method,
+                                "bias_correction": cfg.bias_correction}
             if result.float_nodes:
                 out["models"][m]["float_nodes"] = list(result.float_nodes)
         # a trt-mode model is for TensorRT: judge its accuracy as simulated Q/DQ (TensorRT's arithmetic,
@@ -166,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             if k != "fp32":
                 spread = eval_paths[::max(1, len(eval_paths) // 16)][:16]  # every defect type, not the first 16
                 cos = compare_outputs(models["fp32"], models[k], spread, args.batch)
+                row["cosine_mean"] = {n: round(v["mean"], 5) for n, v in cos.items()}
                 row["cosine_min"] = {n: round(v["min"], 5) for n, v in cos.items()}
         musc = args.musc if args.musc is not None else not meta.is_random
         if musc:

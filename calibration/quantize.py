@@ -16,8 +16,11 @@ Four modes, because the fastest INT8 form depends on the backbone and on where i
     activations and per-channel int8 weights (the fast u8 x s8 kernels); Clip/Relu quantized
     too, so a convolution's output gets the ReLU6 range [0, 6] instead of its raw range (up to
     +-100: only ~8 of 256 levels would land in [0, 6]); 7-bit weights on the non-depthwise
-    convolutions, whose u8 x s8 GEMM saturates int16 (VPMADDUBSW) on x86 without VNNI; and the
-    most sensitive convolutions (the stem and the first block's depthwise) left in FP32.
+    convolutions, whose u8 x s8 GEMM saturates int16 (VPMADDUBSW) on x86 without VNNI; the
+    convolutions before the first residual connection (stem, blocks 0 and 1) left in FP32; and
+    bias correction (:mod:`.bias`): each convolution's bias cancels the mean shift its rounded
+    weights cause, which otherwise compounds through the layers and survives the embedding's
+    global pool (EfficientNet-Lite0's embedding: cosine min 0.91-0.94 -> 0.997).
 ``dynamic``
     ``quantize_dynamic`` of the MatMuls: int8 weights, activation scales computed per batch at run
     time. No calibration images are needed. Fastest for ViTs on the CPU; it leaves convolutions
@@ -51,6 +54,7 @@ import onnx
 from musc_edge.core.errors import InputError, ModelError
 from musc_edge.core.meta import PREFIX, ModelMeta
 
+from .bias import bias_corrected_model
 from .reader import ImageFolderReader
 
 log = logging.getLogger(__name__)
@@ -73,7 +77,8 @@ class QuantConfig:
 
     mode: one of :data:`MODES`. method: one of :data:`METHODS` for the static modes, None for
     ``dynamic``. num: calibration images. batch: images per calibration batch. cache: a JSON
-    file of activation ranges to reuse (static modes only).
+    file of activation ranges to reuse (static modes only). bias_correction: correct the
+    quantized convolutions' biases for their weight rounding (:mod:`.bias`; static modes only).
     """
 
     mode: str = "static"
@@ -81,6 +86,7 @@ class QuantConfig:
     num: int = 64
     batch: int = 8
     cache: Path | None = None
+    bias_correction: bool = False
 
     @property
     def calibrated(self) -> bool:
@@ -88,11 +94,13 @@ class QuantConfig:
 
 
 def make_config(mode: str = "static", method: str | None = None, *, num: int = 64, batch: int = 8,
-                cache: str | Path | None = None) -> QuantConfig:
+                cache: str | Path | None = None, bias_correction: bool | None = None) -> QuantConfig:
     """Validate the combination up front (as ``quantize_static`` does) and fill the defaults.
 
-    ``method`` None means minmax for the static modes. Refused: unknown names, a calibration
-    method or cache with ``dynamic`` (it has no calibration), counts below 1.
+    ``method`` None means minmax for the static modes; ``bias_correction`` None means on for
+    ``static-cnn`` (part of its recipe), off for the other modes. Refused: unknown names, a
+    calibration method, cache or bias correction with ``dynamic`` (it has no calibration),
+    counts below 1.
     """
     mode = (mode or "").strip().lower()
     if mode not in MODES:
@@ -107,11 +115,17 @@ def make_config(mode: str = "static", method: str | None = None, *, num: int = 6
                              "activation scales at run time, without calibration); drop --method or use --mode static")
         if cache is not None:
             raise InputError("--cache has no effect with --mode dynamic (no calibration ranges); drop --cache")
+        if bias_correction:
+            raise InputError("bias correction needs calibration images, which --mode dynamic does not use; "
+                             "use a static mode")
     elif method is None:
         method = "minmax"
     if num < 1 or batch < 1:
         raise InputError(f"--num and --batch must be at least 1, got {num} and {batch}")
-    return QuantConfig(mode=mode, method=method, num=num, batch=batch, cache=Path(cache) if cache else None)
+    if bias_correction is None:
+        bias_correction = mode == "static-cnn"
+    return QuantConfig(mode=mode, method=method, num=num, batch=batch, cache=Path(cache) if cache else None,
+                       bias_correction=bool(bias_correction))
 
 
 #: ``ModelMeta.family`` -> the CPU mode we measured best for it (see :func:`default_mode`).
@@ -127,9 +141,9 @@ def default_mode(meta: ModelMeta) -> str:
     ViTs: ``dynamic``: ViT-B/16 at batch 8 ran 2.0x FP32 (static 1.5x, static-pc 1.6x) at the
     same cosine (>= 0.984 on every output) on our AVX2 CPU.
     CNNs: ``static-cnn``: on EfficientNet-Lite0 and the 120-image MTD subset its image AUROC
-    was 0.862 against FP32's 0.855 (issue floor: a drop of at most 0.01), at 1.3-1.4x FP32
-    images/s, where ``static-pc`` lost 0.017 at no speed-up; ``dynamic`` quantizes no
-    convolution at all.
+    was 0.854 against FP32's 0.855 (issue floor: a drop of at most 0.01) with every output's
+    cosine >= 0.997 on images it was not calibrated on, at 1.4x FP32 images/s, where
+    ``static-pc`` lost 0.017 at no speed-up; ``dynamic`` quantizes no convolution at all.
     """
     return DEFAULT_MODES[meta.family]
 
@@ -153,17 +167,47 @@ def _is_depthwise(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> b
     return group > 1 and shape is not None and len(shape) == 4 and shape[1] == 1
 
 
+#: Ops that read only a tensor's shape: a tensor they read is not a fork of the data path.
+SHAPE_OPS = frozenset({"Shape", "Size"})
+
+
+def _first_fork(model: onnx.ModelProto) -> int | None:
+    """Index of the node whose output is the first tensor two or more compute nodes read.
+
+    That is where the data path first splits: the start of the first residual connection in a
+    MobileNet/EfficientNet/ResNet (or the first tapped layer). None when nothing splits before
+    the last node, or when the graph input itself is read twice.
+    """
+    inits = {i.name for i in model.graph.initializer}
+    readers: dict[str, int] = {}
+    for n in model.graph.node:
+        if n.op_type in SHAPE_OPS:
+            continue
+        for t in set(n.input):
+            if t and t not in inits:
+                readers[t] = readers.get(t, 0) + 1
+    for i, n in enumerate(model.graph.node):
+        if any(readers.get(t, 0) > 1 for t in n.output):
+            return i
+    return None
+
+
 def cnn_plan(model: onnx.ModelProto) -> CnnPlan:
     """The ``static-cnn`` plan for a CNN graph (pure: reads the graph, changes nothing).
 
-    Rule, from excluding one convolution at a time on EfficientNet-Lite0 (cosine of every
-    output on 8 MTD images, int8 kernels; docs/int8_tensorrt.md): the convolutions *before the
-    second dense one* stay FP32. They are the stem (it reads the raw image) and, in a
-    MobileNet/EfficientNet, the first block's depthwise convolution, whose BatchNorm-folded
-    weights amplify the stem's quantization error (outputs up to +-100): leaving the latter in
-    FP32 raised the tokens' cosine from 0.972 to 0.984, the stem another 0.984 to 0.991, while
-    no other single convolution moved it by more than 0.004. For a ResNet the rule keeps only
-    the stem. They cost little time: the stem has 3 input channels, depthwise convs few FLOPs.
+    Rule, from excluding convolutions on EfficientNet-Lite0 (cosine of every output against FP32
+    on held-out MTD images, int8 kernels; docs/int8_tensorrt.md): the convolutions *up to the
+    first fork of the data path* stay FP32, i.e. the chain from the stem to the start of the
+    first residual connection. In a MobileNet/EfficientNet that is the stem and the first two
+    blocks (Lite0: 6 convolutions, blocks 0 and 1, neither has a skip path); in a ResNet the stem.
+    Their rounding is inherited by every later layer, and they are where it hurt most: excluding
+    one convolution at a time, the first block's depthwise conv moved the tokens' cosine 0.972 ->
+    0.984 and the stem 0.984 -> 0.991; quantizing one at a time (the rest FP32), blocks 0 and 1's
+    projections cost the embedding the most (0.005 and 0.004, no later conv above 0.0025). With
+    bias correction (:mod:`.bias`), keeping blocks 0 and 1 too raised the embedding's minimum
+    over 64 held-out images from 0.978-0.983 to 0.997, for about 3% of the speed: they are 13%
+    of Lite0's MACs (4% with the stem and block 0's depthwise alone).
+    Without a fork (a plain chain), the convolutions before the second dense one stay FP32.
 
     Every other non-depthwise convolution gets 7-bit weights: ONNX Runtime runs u8 x s8 convs as
     a GEMM that, on x86 without AVX-512 VNNI, sums pairs of u8 x s8 products in int16
@@ -172,15 +216,20 @@ def cnn_plan(model: onnx.ModelProto) -> CnnPlan:
     in int32, so they keep 8 bits (7 bits there cost 0.02 cosine).
     """
     shapes = {i.name: tuple(i.dims) for i in model.graph.initializer}
-    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    nodes = list(model.graph.node)
+    convs = [n for n in nodes if n.op_type == "Conv"]
+    fork = _first_fork(model)
     float_convs: list[str] = []
-    dense_seen = 0
-    for n in convs:
-        if not _is_depthwise(n, shapes):
-            dense_seen += 1
-            if dense_seen == 2:
-                break
-        float_convs.append(n.name)
+    if fork is not None and any(n.op_type == "Conv" for n in nodes[:fork + 1]):
+        float_convs = [n.name for n in nodes[:fork + 1] if n.op_type == "Conv"]
+    else:
+        dense_seen = 0
+        for n in convs:
+            if not _is_depthwise(n, shapes):
+                dense_seen += 1
+                if dense_seen == 2:
+                    break
+            float_convs.append(n.name)
     keep = set(float_convs)
     if any(not name for name in keep):
         log.warning("an unnamed convolution cannot be kept in FP32; it is quantized like the others")
@@ -199,6 +248,8 @@ class QuantResult:
     calibration_images: tuple[Path, ...] = field(default=())
     #: nodes left in FP32 on purpose (``static-cnn``: :func:`cnn_plan`)
     float_nodes: tuple[str, ...] = field(default=())
+    #: convolutions whose bias was corrected for their weight rounding (:mod:`.bias`)
+    bias_corrected: tuple[str, ...] = field(default=())
 
     def describe(self) -> dict:
         d = asdict(self.config)
@@ -206,6 +257,8 @@ class QuantResult:
         d["calibration_images"] = len(self.calibration_images)
         if self.float_nodes:
             d["float_nodes"] = list(self.float_nodes)
+        if self.config.bias_correction:
+            d["bias_corrected_convs"] = len(self.bias_corrected)
         return d
 
 
@@ -255,6 +308,7 @@ def quantize_model(model_path: str | Path, out_path: str | Path, config: QuantCo
     out_path.parent.mkdir(parents=True, exist_ok=True)
     used: tuple[Path, ...] = ()
     float_convs: tuple[str, ...] = ()
+    corrected: tuple[str, ...] = ()
     with tempfile.TemporaryDirectory(prefix="musc-edge-quant-") as tmp:
         prepared = _prepare(model_path, Path(tmp) / "prepared.onnx")
         if config.mode == "static-cnn":  # cnn_plan excludes convolutions by node name
@@ -266,9 +320,10 @@ def quantize_model(model_path: str | Path, out_path: str | Path, config: QuantCo
             # batch must have the same shape: feed those one image at a time
             per_call = config.batch if config.method == "minmax" else 1
             reader = ImageFolderReader(calibration_images, meta, batch_size=per_call)
-            float_convs = _quantize_static(prepared, out_path, reader, config)
+            float_convs, corrected = _quantize_static(prepared, out_path, reader, config, Path(tmp))
             used = tuple(reader.used)
-    result = QuantResult(path=out_path, config=config, meta=meta, calibration_images=used, float_nodes=float_convs)
+    result = QuantResult(path=out_path, config=config, meta=meta, calibration_images=used, float_nodes=float_convs,
+                         bias_corrected=corrected)
     copy_metadata(model_path, out_path, result.describe())
     return result
 
@@ -325,9 +380,16 @@ def _quantize_dynamic(src: Path, dst: Path) -> None:
                      per_channel=False)
 
 
-def _quantize_static(src: Path, dst: Path, reader: ImageFolderReader, config: QuantConfig) -> tuple[str, ...]:
-    """Run ``quantize_static`` as ``config.mode`` says; return the convolutions kept in FP32."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+def _quantize_static(src: Path, dst: Path, reader: ImageFolderReader, config: QuantConfig,
+                     workdir: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Run ``quantize_static`` as ``config`` says; return the convolutions kept in FP32 and the
+    bias-corrected ones.
+
+    With bias correction it runs twice: once to learn how the weights round, then on the FP32
+    model with corrected biases, with the first run's activation ranges (through the
+    calibration cache, a temporary one without ``--cache``), so both see the same ranges.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
 
     float_convs: tuple[str, ...] = ()
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -355,20 +417,40 @@ def _quantize_static(src: Path, dst: Path, reader: ImageFolderReader, config: Qu
                                      # of int8 (and fp8/int4), not ORT's int32 bias, and fuses
                                      # the float bias itself
                                      "QuantizeBias": False})
-    if config.cache is not None:
-        config.cache.parent.mkdir(parents=True, exist_ok=True)
-        kwargs["calibration_cache_path"] = str(config.cache)
+    cache = config.cache
+    if cache is None and config.bias_correction:
+        cache = workdir / "ranges.json"
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        kwargs["calibration_cache_path"] = str(cache)
+    _run_quantize_static(src, dst, reader, kwargs, cache)
+    corrected: tuple[str, ...] = ()
+    if config.bias_correction:
+        if not reader.paths:
+            log.warning("bias correction needs the calibration images and none were given (ranges from --cache "
+                        "only); the biases are left uncorrected")
+        else:
+            fixed, corrected = bias_corrected_model(src, dst, reader.paths, reader.meta,
+                                                    workdir / "bias_corrected.onnx", config.batch)
+            _run_quantize_static(fixed, dst, None, kwargs, cache)  # the ranges of the first run, from the cache
+    return float_convs, corrected
+
+
+def _run_quantize_static(src: Path, dst: Path, reader: ImageFolderReader | None, kwargs: dict,
+                         cache: Path | None) -> None:
+    """``quantize_static``, with its cache errors turned into one-line input errors."""
+    from onnxruntime.quantization import quantize_static
+
     try:
         quantize_static(str(src), str(dst), reader, **kwargs)
     except ValueError as e:
         text = str(e).splitlines()[0] if str(e) else "invalid arguments"
         if "cache" in text.lower():  # a cache made with another method: ORT refuses it
-            raise InputError(f"calibration cache {config.cache}: {text}") from None
+            raise InputError(f"calibration cache {cache}: {text}") from None
         if isinstance(e, (json.JSONDecodeError, UnicodeDecodeError)):  # ORT json.load()s an existing cache
-            raise InputError(f"calibration cache {config.cache} is not a readable JSON cache ({text}); "
+            raise InputError(f"calibration cache {cache} is not a readable JSON cache ({text}); "
                              "delete it to recalibrate, or pass another --cache") from None
         raise
-    return float_convs
 
 
 def copy_metadata(src: Path, dst: Path, quantization: dict) -> None:

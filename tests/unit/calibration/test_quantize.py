@@ -19,6 +19,8 @@ from musc_edge.core.meta import ModelMeta
 from musc_edge.runtime.model import load_model, read_meta
 from musc_edge.runtime.testing import make_tiny_model, tiny_meta
 
+from .conftest import relu6_cnn
+
 
 @pytest.fixture(scope="module")
 def split(sample_dir):
@@ -195,47 +197,15 @@ def test_cosine_on_the_shared_mtd_images(tmp_path, tiny_model, mtd_dir, mode):
 
 
 # ------------------------------------------------------------------------------------ static-cnn
-def relu6_cnn(path, props, seed=0):
-    """A MobileNet-shaped graph: stem, ReLU6, depthwise, project, expand (wide pre-activation
-    range), ReLU6, depthwise, ReLU6, project; with the tiny model's metadata (64 px input)."""
-    from onnx import TensorProto, helper
-
-    rng = np.random.default_rng(seed)
-    name = props["musc_edge.input_name"]
-    shapes = {"w_stem": (8, 3, 3, 3), "w_dw0": (8, 1, 3, 3), "w_pw0": (16, 8, 1, 1), "w_ex": (32, 16, 1, 1),
-              "w_dw1": (32, 1, 3, 3), "w_pw1": (16, 32, 1, 1)}
-    inits = [numpy_helper.from_array((rng.standard_normal(s) * (4.0 if k == "w_ex" else 0.5)).astype(np.float32), k)
-             for k, s in shapes.items()]
-    inits += [numpy_helper.from_array(np.array(v, np.float32), k) for k, v in (("lo", 0.0), ("hi", 6.0))]
-    conv = helper.make_node
-    nodes = [
-        conv("Conv", [name, "w_stem"], ["c_stem"], name="stem", pads=[1, 1, 1, 1], strides=[2, 2]),
-        conv("Clip", ["c_stem", "lo", "hi"], ["a0"], name="clip0"),
-        conv("Conv", ["a0", "w_dw0"], ["c_dw0"], name="dw0", group=8, pads=[1, 1, 1, 1]),
-        conv("Clip", ["c_dw0", "lo", "hi"], ["a1"], name="clip1"),
-        conv("Conv", ["a1", "w_pw0"], ["c_pw0"], name="pw0"),
-        conv("Conv", ["c_pw0", "w_ex"], ["c_ex"], name="ex"),
-        conv("Clip", ["c_ex", "lo", "hi"], ["a2"], name="clip2"),
-        conv("Conv", ["a2", "w_dw1"], ["c_dw1"], name="dw1", group=32, pads=[1, 1, 1, 1]),
-        conv("Clip", ["c_dw1", "lo", "hi"], ["a3"], name="clip3"),
-        conv("Conv", ["a3", "w_pw1"], ["out"], name="pw1"),
-    ]
-    graph = helper.make_graph(nodes, "relu6_cnn", [helper.make_tensor_value_info(name, TensorProto.FLOAT,
-                                                                                  ["b", 3, 64, 64])],
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    for k, v in props.items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = k, v
-    onnx.save(model, str(path))
-    return path
-
-
-def test_cnn_plan_keeps_the_stem_and_first_depthwise_and_reduces_dense_weights(tmp_path, tiny_model):
+def test_cnn_plan_keeps_the_chain_before_the_first_fork_and_reduces_dense_weights(tmp_path, tiny_model):
     props = {p.key: p.value for p in onnx.load(str(tiny_model)).metadata_props}
     plan = cnn_plan(onnx.load(str(relu6_cnn(tmp_path / "cnn.onnx", props))))
-    assert plan.float_convs == ("stem", "dw0")  # everything before the second dense conv (pw0)
-    assert plan.reduced_weights == ("w_pw0", "w_ex", "w_pw1")  # dense, quantized: not dw1, not the FP32 ones
+    assert plan.float_convs == ("stem", "dw0", "pw0")  # up to c_pw0, read by block 1 and its residual Add
+    assert plan.reduced_weights == ("w_ex", "w_pw1")  # dense, quantized: not dw1, not the FP32 ones
+    # a plain chain (no fork): everything before the second dense conv (pw0)
+    chain = cnn_plan(onnx.load(str(relu6_cnn(tmp_path / "chain.onnx", props, residual=False))))
+    assert chain.float_convs == ("stem", "dw0")
+    assert chain.reduced_weights == ("w_pw0", "w_ex", "w_pw1")
     # a graph without depthwise convs (ResNet-like, here the tiny model's two convs) keeps only its stem
     dense = onnx.load(str(tiny_model))
     for i, n in enumerate(dense.graph.node):
@@ -268,12 +238,12 @@ def test_static_cnn_mode_applies_the_plan(tmp_path, tiny_model, split):
     result = quantize_model(fp32, cnn, make_config("static-cnn", num=8), split.calibration)
     quantize_model(fp32, plain, make_config("static", num=8), split.calibration)
     q, p = onnx.load(str(cnn)), onnx.load(str(plain))
-    # the stem and the first depthwise conv stay FP32, and the metadata says so
-    assert _dequantized_weight(q, "w_stem") is None and _dequantized_weight(q, "w_dw0") is None
+    # the convolutions before the first fork stay FP32, and the metadata says so
+    assert all(_dequantized_weight(q, w) is None for w in ("w_stem", "w_dw0", "w_pw0"))
     assert _dequantized_weight(p, "w_stem") is not None
-    assert quantization_info(cnn)["float_nodes"] == ["stem", "dw0"] == list(result.float_nodes)
+    assert quantization_info(cnn)["float_nodes"] == ["stem", "dw0", "pw0"] == list(result.float_nodes)
     # 7-bit weights on dense convs (no int16 saturation in u8 x s8 GEMMs), full 8 bits on the depthwise one
-    for w in ("w_pw0", "w_ex", "w_pw1"):
+    for w in ("w_ex", "w_pw1"):
         assert np.abs(_dequantized_weight(q, w).astype(int)).max() <= 64, w
     assert np.abs(_dequantized_weight(q, "w_dw1").astype(int)).max() == 127
     # per-channel weights: one scale per output channel
