@@ -380,3 +380,23 @@ def score_tokens_consistent(layer_tokens: Sequence[Any], embeddings: Any = None,
                           device=device, precision=precision, progress=progress,
                           exclude=exclude if exclude.any() else None)
     return ConsistentScores(scores=scores, exclude=exclude, groups=groups)
+
+
+class ConsistentScoreStep:
+    """A batch score step (:data:`musc_edge.core.pools.ScoreStep`) that filters consistent
+    anomalies: ``musc-edge score --repeated-defects filter``. It keeps the groups it found in
+    :attr:`groups` (pool indices) for the run's record."""
+
+    __name__ = "batch_repeated_defects"
+
+    def __init__(self, options: ConsistentOptions = DEFAULT_OPTIONS) -> None:
+        self.options = options
+        self.groups: tuple[tuple[int, ...], ...] = ()
+
+    def __call__(self, tokens: Sequence[Any], embedding: Any, params: MuscParams, device: Any = "cpu",
+                 progress: Callable[[int, int], None] | None = None) -> Scores:
+        result = score_tokens_consistent(list(tokens), embedding, params=params, options=self.options,
+                                         device=device, precision=getattr(device, "precision", "exact"),
+                                         progress=progress)
+        self.groups = result.groups
+        return result.scores

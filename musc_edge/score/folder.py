@@ -47,6 +47,7 @@ from musc_edge.core.device import resolve_device
 from musc_edge.core.errors import ImageDecodeError, InputError
 from musc_edge.core.meta import ModelMeta
 from musc_edge.core.params import DEFAULT_PARAMS, MuscParams
+from musc_edge.core.consistent import ConsistentScoreStep
 from musc_edge.core.pools import BatchPool, PoolScorer, ScoreStep, StreamPool, batch_score_step
 from musc_edge.core.types import Scores
 from musc_edge.datasets import Dataset, Sample, discover, grouped_by_type, order_samples, reference_images
@@ -65,6 +66,9 @@ log = logging.getLogger(__name__)
 #: 12.7 s, 34 GFLOP/s of pair products (README "Benchmarks" has 158 GFLOP/s for ViT-B/16's
 #: C = 768, which BLAS runs nearer its peak). cuda: an assumption, not measured here.
 SCORE_RATE_FLOPS: dict[str, float] = {"cpu": 3.0e10, "cuda": 2.0e12}
+
+#: ``--repeated-defects``: MuSc as it is, or consistent anomalies filtered (musc_edge.core.consistent).
+REPEATED_DEFECTS = ("keep", "filter")
 
 #: A batch ``score`` estimated to take longer than this warns and suggests ``--window``.
 SLOW_SCORE_WARN_S = 600.0
@@ -107,6 +111,9 @@ class ScoreSettings:
     resize: str = "squash"  #: "squash" (MUSC_SPEC 1) or "pad" (aspect kept, padding masked out); batch mode only
     tiles: TileSpec | None = None  #: R x C tiles per image (batch mode only); None: one input per image
     tile_match: str = "aligned"  #: with tiles: "aligned" (same tile position) or "any" (every other image's tile)
+    #: "keep" (MuSc) or "filter": groups of images sharing a repeated defect do not score each other
+    #: (musc_edge.core.consistent; batch mode with the square squash only)
+    repeated_defects: str = "keep"
 
     @property
     def geometry(self) -> InputGeometry:
@@ -166,6 +173,15 @@ def score_folder(data_dir: str | Path, model_path: str | Path, out_dir: str | Pa
                          "masks padding nor pools tiles; drop --window or those flags")
     if not geometry.is_default and score_step is not batch_score_step:
         raise ValueError("score_step replaces batch MuSc; it does not apply with --tiles or --resize pad")
+    if settings.repeated_defects not in REPEATED_DEFECTS:
+        raise InputError(f"--repeated-defects expects one of {', '.join(REPEATED_DEFECTS)}, "
+                         f"got {settings.repeated_defects!r}")
+    consistent = None
+    if settings.repeated_defects == "filter":
+        if settings.window is not None or not geometry.is_default or score_step is not batch_score_step:
+            raise InputError("--repeated-defects filter works on a batch pool of squashed images: drop --window, "
+                             "--tiles and --resize pad, or use --reference DIR with --window")
+        score_step = consistent = ConsistentScoreStep()
     if settings.reference is not None and settings.window is None:
         raise InputError("--reference needs --window: without a window every image is already scored "
                          "against all the others")
@@ -269,6 +285,7 @@ def score_folder(data_dir: str | Path, model_path: str | Path, out_dir: str | Pa
                      "threshold": settings.threshold, "heatmap_scale": settings.heatmap_scale,
                      "resize": settings.resize, "tiles": None if settings.tiles is None else str(settings.tiles),
                      "tile_match": settings.tile_match if settings.tiles is not None else None,
+                     "repeated_defects": settings.repeated_defects,
                      **({"heatmap_range": list(heatmap_range)} if heatmap_range is not None else {})},
         "counts": {"found": len(dataset.samples), "scored": len(ext.samples), "skipped": len(ext.skipped),
                    **({"references": len(references)} if references else {})},
@@ -279,6 +296,11 @@ def score_folder(data_dir: str | Path, model_path: str | Path, out_dir: str | Pa
         "warnings": warnings,
         "outputs": files,
     }
+    if consistent is not None:  # the images of each repeated-defect group, which did not score each other
+        run["repeated_defect_groups"] = [[str(ext.samples[i].path) for i in g] for g in consistent.groups]
+        if consistent.groups:
+            log.info("repeated defects: %d group(s) of images took each other out of their intervals: %s",
+                     len(consistent.groups), "; ".join(str(len(g)) for g in consistent.groups))
     write_json(out_dir / "run.json", run)
     files["run"] = str(out_dir / "run.json")
     return ScoreResult(out_dir=out_dir, samples=ext.samples, sizes=ext.sizes, scores=scores,

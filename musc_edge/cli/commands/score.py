@@ -75,6 +75,10 @@ def _heatmap_scale(ctx: click.Context, param: click.Parameter, value: str) -> st
 @resize_option
 @tiles_option
 @tile_match_option
+@click.option("--repeated-defects", type=click.Choice(["keep", "filter"]), default="keep", show_default=True,
+              help="filter: find groups of images that share a repeated defect (the same flaw at the same place "
+                   "in several parts, which MuSc would call normal) and take them out of each other's scoring "
+                   "(batch mode; docs/scorer.md 'Repeated defects'). keep: MuSc as published.")
 @mem_budget_option
 @max_file_size_option
 def score(data_dir: Path, model_path: Path, out_dir: Path, batch: int, r_list: tuple[int, ...],
@@ -83,7 +87,7 @@ def score(data_dir: Path, model_path: Path, out_dir: Path, batch: int, r_list: t
           workers: int, quiet: bool,
           window: int | None, order: str, reference: Path | None, layout: str, normal_dir: str | None,
           abnormal_dir: str | None, mask_dir: str | None, resize: str, tiles: TileSpec | None, tile_match: str | None,
-          mem_budget: int | None, max_file_bytes: int | None) -> None:
+          repeated_defects: str, mem_budget: int | None, max_file_bytes: int | None) -> None:
     """Score every image of DIR against the others (MuSc, zero-shot) and write the results.
 
     DIR is a flat folder of images (jpg/png/bmp/tiff), an MVTec AD category (DIR/test/<type>/,
@@ -126,7 +130,7 @@ def score(data_dir: Path, model_path: Path, out_dir: Path, batch: int, r_list: t
                              mask_dir=mask_dir, mem_budget_bytes=mem_budget, score_device=score_device,
                              precision=precision, threshold=threshold, heatmap_scale=heatmap_scale,
                              max_file_bytes=max_file_bytes, resize=resize, tiles=tiles,
-                             tile_match=tile_match or "aligned")
+                             tile_match=tile_match or "aligned", repeated_defects=repeated_defects)
     result = score_folder(data_dir, model_path, out_dir, settings)
     if threshold_info is not None:
         _add_normalised(result.out_dir, threshold_info, threshold_file)
