@@ -150,3 +150,31 @@ def test_fast_precision_keeps_the_ranking(fixtures_dir):
     np.testing.assert_allclose(s.patch_maps, fx["patch_maps"], rtol=1e-2, atol=1e-4)
     assert np.all(s.patch_maps >= fx["patch_maps"] - 1e-4)  # a chosen patch is never nearer than the nearest
     assert cupy is not None
+
+
+@pytest.mark.parametrize("radius", [0, 2])
+def test_positional_matching_on_the_gpu_equals_cpu(cuda, radius):
+    """--match-radius: the positional kernel (batched products over grid positions) on CuPy."""
+    from musc_edge.core.msm import msm
+
+    rng = np.random.default_rng(radius)
+    z = rng.standard_normal((12, 49, 32)).astype(np.float32)
+    z /= np.linalg.norm(z, axis=-1, keepdims=True)
+    got = cuda.to_host(msm(cuda.asarray(z), radius=radius))
+    np.testing.assert_allclose(got, msm(z, radius=radius), rtol=RTOL, atol=ATOL)
+
+
+def test_exclude_and_valid_on_the_gpu_equal_cpu(cuda, fixtures_dir):
+    """score_tokens' exclude (repeated defects, tiles of one image) and valid (padding) on CuPy."""
+    fx = load(fixtures_dir, "musc_parity_small.npz")
+    tokens = [fx[k] for k in sorted(k for k in fx if k.startswith("tokens_"))] or [fx["tokens"]]
+    n, g2 = tokens[0].shape[0], tokens[0].shape[1] - 1
+    exclude = np.zeros((n, n), bool)
+    exclude[0, 1] = exclude[1, 0] = exclude[2, 3] = True
+    valid = np.ones((n, g2), bool)
+    valid[:, :3] = False
+    kw = dict(params=params_of(fx), exclude=exclude, valid=valid)
+    cpu = musc_edge.score_tokens(tokens, fx["cls"], **kw)
+    gpu = musc_edge.score_tokens(tokens, fx["cls"], device=cuda, **kw)
+    np.testing.assert_allclose(gpu.patch_maps, cpu.patch_maps, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(gpu.image_scores, cpu.image_scores, rtol=RTOL, atol=ATOL)
