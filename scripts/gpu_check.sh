@@ -14,7 +14,7 @@
 # Inputs, each optional: MUSC_EDGE_WHEELS (a folder of wheels for what the Python lacks, e.g.
 # array-api-compat, installed with --no-index into a temporary folder), MUSC_EDGE_SHARED (the
 # fixtures and MTD data, default ../shared), MUSC_EDGE_GPU_MODEL (an exported EfficientNet-Lite0
-# .onnx for step 4), GPU_CHECK_STEPS (a comma list of tests,msm,stream,precision; default all).
+# .onnx for step 4), GPU_CHECK_STEPS (a comma list of tests,msm,stream,precision,radius; default all).
 # A step that fails or is skipped is recorded as such; the script goes on.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +30,7 @@ SITE=$(mktemp -d)
 trap 'rm -rf "$SITE"' EXIT
 START=$(date +%s)
 
-STEPS=",${GPU_CHECK_STEPS:-tests,msm,stream,precision},"
+STEPS=",${GPU_CHECK_STEPS:-tests,msm,stream,precision,radius},"
 wanted() { [[ $STEPS == *",$1,"* ]]; }
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUTDIR/NAME.log, record rc and time
@@ -119,6 +119,10 @@ else
     echo "{\"step\": \"precision_mtd\", \"rc\": null, \"skipped\": \"no model at $MODEL (MUSC_EDGE_GPU_MODEL)\"}" \
         >>"$OUTDIR/steps.jsonl"
 fi
+
+# --- 5. positional matching against the global search (--match-radius) ---------------------------
+wanted radius && step match_radius 90 $PY benchmarks/bench_match_radius.py --device cuda --n 200 --grid 28 --C 112 \
+    --radii 0,1,3,5 --repeats 3
 
 # --- one JSON ---------------------------------------------------------------------------------
 $PY scripts/gpu_report.py "$OUTDIR" $(( $(date +%s) - START )) >"$OUTDIR/gpu_check.json"
