@@ -30,7 +30,7 @@ import numpy as np
 from array_api_compat import array_namespace, is_numpy_namespace
 
 from .errors import InputError
-from .pairs import block_minima, interval_bounds, interval_mean, lane_count
+from .pairs import block_minima, interval_bounds, interval_mean, lane_count, prefers_offsets
 from .params import DEFAULT_INTERVAL, MuscParams
 
 #: Largest product block (bytes) we aim for: big enough for BLAS to run at peak, small enough to
@@ -196,8 +196,9 @@ def msm(z: Any, interval: tuple[float, float] = DEFAULT_INTERVAL, *, mem_budget_
             raise InputError(str(e)) from None
         radius = None if covers_grid(int(radius), L) else int(radius)
     gpu = not is_numpy_namespace(xp)
+    offsets = radius is not None and prefers_offsets(radius, L)  # else the masked global product
     owner, bi, bj = plan(n, L, device_budget(xp, mem_budget_bytes) if gpu else mem_budget_bytes, gpu=gpu,
-                         local=radius is not None)
+                         local=offsets)
     parts = [_score_owner_block(xp, z, o0, min(n, o0 + owner), bi, bj, interval, precision, radius, excl)
              for o0 in range(0, n, owner)]
     return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
@@ -231,10 +232,10 @@ def _score_owner_block(xp: Any, z: Any, o0: int, o1: int, bi: int, bj: int, inte
     n, L, _ = z.shape
     dev = getattr(z, "device", None)
     table = xp.full((o1 - o0, L, n), math.inf, dtype=xp.float32, device=dev)  # table[i - o0, m, j] = d_ij(m)
-    if radius is not None:
+    if radius is not None and prefers_offsets(radius, L):
         _fill_local(xp, z, table, o0, o1, bi, precision, radius)
     else:
-        _fill_global(xp, z, table, o0, o1, bi, bj, precision)
+        _fill_global(xp, z, table, o0, o1, bi, bj, precision, radius)
     if excl is None:
         lo, hi = interval_bounds(n - 1, interval)
         return interval_mean(table, lo, hi)
@@ -257,15 +258,18 @@ def _fill_local(xp: Any, z: Any, table: Any, o0: int, o1: int, b: int, precision
         table[i - o0, :, i] = math.inf
 
 
-def _fill_global(xp: Any, z: Any, table: Any, o0: int, o1: int, bi: int, bj: int, precision: str) -> None:
-    """The owner block's table under MuSc's global nearest patch (MUSC_SPEC 3)."""
+def _fill_global(xp: Any, z: Any, table: Any, o0: int, o1: int, bi: int, bj: int, precision: str,
+                 radius: int | None = None) -> None:
+    """The owner block's table under MuSc's global nearest patch (MUSC_SPEC 3), or under
+    positional matching on the masked global product (``radius``; the mask is symmetric, so both
+    directions of a pair still come from one product)."""
     n = z.shape[0]
     for i0 in range(o0, o1, bi):
         i1 = min(o1, i0 + bi)
         for j0 in range(i0, o1, bj):  # inside: row group I, column groups J >= I, both directions
             j1 = min(o1, j0 + bj)
             rows, cols = block_minima(z[i0:i1, ...], z[j0:j1, ...], want_cols=True, diagonal=j0 == i0,
-                                      precision=precision)
+                                      precision=precision, radius=radius)
             table[i0 - o0:i1 - o0, :, j0:j1] = rows
             # the other direction; on the diagonal only for the images past I (I x I is in rows)
             k0 = i1 - j0 if j0 == i0 else 0
@@ -274,5 +278,6 @@ def _fill_global(xp: Any, z: Any, table: Any, o0: int, o1: int, bi: int, bj: int
         for a, b in ((0, o0), (o1, n)):  # outside the owner block: no room to keep their side
             for j0 in range(a, b, bj):
                 j1 = min(b, j0 + bj)
-                rows, _ = block_minima(z[i0:i1, ...], z[j0:j1, ...], want_cols=False, precision=precision)
+                rows, _ = block_minima(z[i0:i1, ...], z[j0:j1, ...], want_cols=False, precision=precision,
+                                       radius=radius)
                 table[i0 - o0:i1 - o0, :, j0:j1] = rows

@@ -123,19 +123,24 @@ def block_minima(zi: Any, zj: Any, *, want_cols: bool = True, diagonal: bool = F
     """
     xp = array_namespace(zi, zj)
     chunk_bytes = recompute_chunk_bytes(xp) if chunk_bytes is None else int(chunk_bytes)
+    band = None
     if radius is not None and not covers_grid(int(radius), zi.shape[1]):
-        rows = local_minima(zi, zj, int(radius), diagonal=diagonal, precision=precision, chunk_bytes=chunk_bytes)
-        cols = (local_minima(zj, zi, int(radius), diagonal=diagonal, precision=precision, chunk_bytes=chunk_bytes)
-                if want_cols else None)
-        return rows, cols
+        if prefers_offsets(int(radius), zi.shape[1]):
+            rows = local_minima(zi, zj, int(radius), diagonal=diagonal, precision=precision, chunk_bytes=chunk_bytes)
+            cols = (local_minima(zj, zi, int(radius), diagonal=diagonal, precision=precision,
+                                 chunk_bytes=chunk_bytes) if want_cols else None)
+            return rows, cols
+        band = band_bias(xp, int(radius), zi.shape[1], getattr(zi, "device", None))
     if is_numpy_namespace(xp):
-        return _block_minima_numpy(zi, zj, want_cols, diagonal, precision, chunk_bytes)
+        return _block_minima_numpy(zi, zj, want_cols, diagonal, precision, chunk_bytes, band)
     bi, L, c = zi.shape
     bj = zj.shape[0]
     dev = getattr(zi, "device", None)
     zi_f = xp.reshape(zi, (bi * L, c))
     zj_f = xp.reshape(zj, (bj * L, c))
     p = product(xp, zi_f, zj_f, precision)  # (bI*L, bJ*L): p[a*L+m, b*L+n] = z_a,m . z_b,n
+    if band is not None:  # positional matching on the global product: cells beyond the radius never win
+        p = xp.reshape(xp.reshape(p, (bi, L, bj, L)) + band[None, :, None, :], (bi * L, bj * L))
     d_rows = _rows(xp, p, zi_f, zj_f, bi, bj, L, dev, chunk_bytes)
     d_cols = _cols(xp, p, zi_f, zj_f, bi, bj, L, dev, chunk_bytes) if want_cols else None
     inf = xp.asarray(math.inf, dtype=zi.dtype, device=dev)
@@ -161,6 +166,32 @@ def covers_grid(radius: int, L: int) -> bool:
     """Whether a ``radius`` neighbourhood reaches every cell of the G x G grid from every cell:
     then positional matching is the global search, and the global kernel runs."""
     return int(radius) >= grid_side(L) - 1
+
+
+#: Positional matching runs offset by offset (:func:`local_minima`) while its (2P+1)^2 offsets
+#: are at most this share of the L cells; beyond it the global product with the cells outside the
+#: radius masked (:func:`band_bias`) is faster, since one large GEMM runs near the BLAS peak and
+#: an offset's batched small products do not. Measured with benchmarks/bench_match_radius.py
+#: (N = 100): 16 x 16 grid, C = 320: P = 1 (9 offsets) 1.33x faster than global, P = 2 (25)
+#: 0.79x; 28 x 28, C = 112 (N = 40): P = 3 (49) 2.05x, P = 5 (121) 1.28x.
+OFFSET_SHARE = 1 / 16
+
+
+def prefers_offsets(radius: int, L: int) -> bool:
+    """Whether positional matching of ``radius`` on L cells runs offset by offset (else masked)."""
+    return (2 * int(radius) + 1) ** 2 <= OFFSET_SHARE * int(L)
+
+
+def band_bias(xp: Any, radius: int, L: int, device: Any = None) -> Any:
+    """(L, L) float32: 0 where cell n of the other image is within ``radius`` of cell m (both
+    grid axes), -inf elsewhere; added to a product it leaves only those cells to the arg-max
+    (every cell is within the radius of itself, so each row keeps one)."""
+    g = grid_side(L)
+    y = xp.reshape(xp.arange(L, device=device), (L, 1)) // g
+    x = xp.reshape(xp.arange(L, device=device), (L, 1)) % g
+    near = (xp.abs(y - xp.reshape(y, (1, L))) <= radius) & (xp.abs(x - xp.reshape(x, (1, L))) <= radius)
+    zero = xp.zeros((L, L), dtype=xp.float32, device=device)
+    return xp.where(near, zero, xp.asarray(-math.inf, dtype=xp.float32, device=device))
 
 
 def local_offsets(radius: int) -> list[tuple[int, int]]:
@@ -553,7 +584,7 @@ def _fill_lower(d_rows: Any, d_cols: Any, bi: int, L: int) -> None:
 
 
 def _block_minima_numpy(zi: Any, zj: Any, want_cols: bool, diagonal: bool, precision: str,
-                        chunk_bytes: int) -> tuple[Any, Any | None]:
+                        chunk_bytes: int, band: Any = None) -> tuple[Any, Any | None]:
     """:func:`block_minima` for numpy arrays: the same numbers, computed tile by tile on
     :func:`lane_count` threads (see the section comment above)."""
     import numpy as np
@@ -572,6 +603,8 @@ def _block_minima_numpy(zi: Any, zj: Any, want_cols: bool, diagonal: bool, preci
         ni, nj = i1 - i0, j1 - j0
         xi, xj = zi_f[i0 * L:i1 * L], zj_f[j0 * L:j1 * L]
         p = product(np, xi, xj, precision)  # (ni*L, nj*L)
+        if band is not None:  # positional matching: cells beyond the radius never win an arg-max
+            p.reshape(ni, L, nj, L)[...] += band[None, :, None, :]
         # Both arg-maxes while the product is in cache, then the recomputes.
         n_best = np.argmax(p.reshape(ni * L, nj, L), axis=2)  # (ni*L, nj): a contiguous reduction
         m_bests = [] if d_cols is None else [_argmax_rows_np(p[a * L:(a + 1) * L]) for a in range(ni)]

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from musc_edge.core.errors import InputError
+from musc_edge.core import pairs
 from musc_edge.core.lnamd import lnamd
 from musc_edge.core.msm import msm
 from musc_edge.core.pairs import block_minima, covers_grid, interval_bounds, local_minima
@@ -23,6 +24,14 @@ from musc_edge.core.window import PoolWindow
 
 G = 5
 L = G * G
+SHIPPED_SHARE = pairs.OFFSET_SHARE  # before the fixture below patches it
+
+
+@pytest.fixture(autouse=True, params=["offsets", "masked"])
+def kernel_path(request, monkeypatch):
+    """Every test runs on both positional kernels: offset by offset, and the masked global product."""
+    monkeypatch.setattr(pairs, "OFFSET_SHARE", 1.0 if request.param == "offsets" else 0.0)
+    return request.param
 
 
 def unit(rng: np.random.Generator, n: int, c: int = 12) -> np.ndarray:
@@ -186,3 +195,10 @@ def test_a_radius_needs_a_square_grid() -> None:
 def test_lnamd_then_positional_msm_keeps_shapes() -> None:
     tokens = np.random.default_rng(0).standard_normal((4, 1 + L, 6)).astype(np.float32)
     assert msm(lnamd(tokens, 3), radius=1).shape == (4, L)
+
+
+def test_the_offset_rule_follows_the_measured_crossover(monkeypatch) -> None:
+    monkeypatch.setattr(pairs, "OFFSET_SHARE", SHIPPED_SHARE)
+    pairs_rule = pairs.prefers_offsets
+    assert pairs_rule(1, 16 * 16) and not pairs_rule(2, 16 * 16)  # 9 of 256 cells, not 25
+    assert pairs_rule(3, 28 * 28) and not pairs_rule(4, 28 * 28)  # 49 of 784, not 81
