@@ -71,7 +71,7 @@ def mtd_subset(src, dst, n):
 def test_efficientnet_on_mtd_reaches_the_auroc_floor(tmp_path, mtd_dir, capsys):
     if not (mtd_dir / "test").is_dir():
         pytest.skip(f"MTD data not found at {mtd_dir}")
-    model = export(tmp_path / "effnet.onnx", "--backbone", "efficientnet_lite0", "--image-size", "224")
+    model = export(tmp_path / "effnet.onnx", "--backbone", "efficientnet_lite0")  # the default taps and side
     data = mtd_subset(mtd_dir, tmp_path / "mtd", SUBSET)
     images = list((data / "test").rglob("*.jpg"))
     defective = [p for p in images if p.parent.name != "good"]
@@ -80,6 +80,6 @@ def test_efficientnet_on_mtd_reaches_the_auroc_floor(tmp_path, mtd_dir, capsys):
     assert main(["score", str(data), "--model", str(model), "--out", str(out), "--quiet"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     with capsys.disabled():
-        print(f"\nMTD subset ({len(images)} images, {len(defective)} defective), efficientnet_lite0 @ 224: "
+        print(f"\nMTD subset ({len(images)} images, {len(defective)} defective), efficientnet_lite0 (default): "
               f"image {metrics['image']}, pixel {metrics['pixel']}")
     assert metrics["image"]["auroc"] >= 0.65
