@@ -201,14 +201,14 @@ def test_chelsea_is_a_cat_through_the_runtime_preprocessing(name, pretrained):
 
 
 @pytest.mark.parametrize("name", LITES)
-def test_registry_taps_are_the_stride_8_and_16_stages(name, pretrained):
+def test_registry_taps_are_the_stride_16_and_32_stages(name, pretrained):
     spec = backbones.get_spec(name)
     stages = ARCH_STAGES[spec.arch]
-    assert spec.image_size == VARIANTS[spec.arch].native_size // 8 * 8  # Lite2: 260 -> 256
-    assert spec.layers == (last_stage_at_stride(8, stages), last_stage_at_stride(16, stages)) == (3, 5)
+    assert spec.image_size == 256  # a multiple of the stride-16 grid (Lite2's native 260 is not)
+    assert spec.layers == (last_stage_at_stride(16, stages), last_stage_at_stride(32, stages)) == (5, 7)
     built = pretrained(name)
     assert built.token_dims == tuple(stages[s - 1].channels for s in spec.layers)
-    assert built.grid == spec.image_size // 8 and built.embed_dim == 1280 and built.embedding_layer == 7
+    assert built.grid == spec.image_size // 16 and built.embed_dim == 1280 and built.embedding_layer == 7
 
 
 def test_last_stage_at_stride():
@@ -217,11 +217,11 @@ def test_last_stage_at_stride():
         last_stage_at_stride(12)
 
 
-EXPORT_SIZE = 64  # an 8x8 grid: ~5 s per export on 2 busy cores (not slow), the same graph as at full size
+EXPORT_SIZE = 64  # a 4x4 grid at the default taps' stride 16: ~5 s per export on 2 busy cores (not slow), the same graph as at full size
 
 
-@pytest.mark.parametrize("name, dims", [("efficientnet_lite0", (40, 112)), ("efficientnet_lite1", (40, 112)),
-                                        ("efficientnet_lite2", (48, 120))])
+@pytest.mark.parametrize("name, dims", [("efficientnet_lite0", (112, 320)), ("efficientnet_lite1", (112, 320)),
+                                        ("efficientnet_lite2", (120, 352))])
 def test_small_export_metadata(name, dims, tmp_path):
     spec = backbones.get_spec(name)
     _need_package(spec.arch)
@@ -230,11 +230,11 @@ def test_small_export_metadata(name, dims, tmp_path):
     assert max(result.max_abs_diff.values()) < 1e-3
     sess = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
     meta = ModelMeta.from_props(sess.get_modelmeta().custom_metadata_map)
-    assert (meta.backbone, meta.family, meta.weights, meta.image_size, meta.grid) == (
-        name, "cnn", "imagenet", EXPORT_SIZE, EXPORT_SIZE // 8)
-    assert (meta.layers, meta.token_dims, meta.embed_dim) == ((3, 5), dims, 1280)
+    assert (meta.backbone, meta.family, meta.weights, meta.image_size, meta.grid, meta.patch_size) == (
+        name, "cnn", "imagenet", EXPORT_SIZE, EXPORT_SIZE // 16, 16)
+    assert (meta.layers, meta.token_dims, meta.embed_dim) == ((5, 7), dims, 1280)
     outs = sess.run(None, {"image": np.zeros((1, 3, EXPORT_SIZE, EXPORT_SIZE), np.float32)})
-    assert [o.shape for o in outs] == [(1, 1 + (EXPORT_SIZE // 8) ** 2, c) for c in dims] + [(1, 1280)]
+    assert [o.shape for o in outs] == [(1, 1 + (EXPORT_SIZE // 16) ** 2, c) for c in dims] + [(1, 1280)]
 
 
 def test_the_grid_is_the_finest_taps_own():
