@@ -18,7 +18,8 @@ backbone). ``--sizes`` items: a side in pixels or ``native`` (the entry's own si
 
 ``--match-radius`` items (``global``, ``0``, ``2``...) score the same features once each
 (positional matching, docs/scorer.md); ``--resize squash,pad`` extracts and scores each input
-geometry as ``musc-edge score --resize`` does (docs/runtime.md "Input geometry").
+geometry as ``musc-edge score --resize`` does, and ``--tiles 2x2:0.1`` (with ``--tile-match``)
+as ``score --tiles`` does (docs/runtime.md "Input geometry").
 
 ``--subset N`` scores a fixed, stratified random subset (each defect type keeps its share of the
 444 images; ``--seed``) because batch MuSc costs O(N^2): a 120-image pool at a 28x28 grid takes
@@ -134,15 +135,17 @@ def export_config(cfg: Config, workdir: Path) -> tuple[Path, float, float]:
     return result.path, time.perf_counter() - t, max(result.max_abs_diff.values())
 
 
-def extract(model: Path, samples: list, device: str, batch: int, threads: int, resize: str = "squash") -> dict:
-    """Tokens, embeddings, original sizes (and with ``--resize pad`` each image's views) of
-    ``samples`` from the runtime, with timings."""
-    from musc_edge.runtime.geometry import InputGeometry
+def extract(model: Path, samples: list, device: str, batch: int, threads: int, resize: str = "squash",
+            tiles: str | None = None) -> dict:
+    """Tokens, embeddings, original sizes (and with ``--resize pad`` or ``--tiles`` each image's
+    views) of ``samples`` from the runtime, with timings."""
+    from musc_edge.runtime.geometry import InputGeometry, TileSpec, parse_tiles
     from musc_edge.runtime.model import load_model
     from musc_edge.runtime.pipeline import iter_features
 
     opts = {"threads": threads} if threads else {}
-    geometry = None if resize == "squash" else InputGeometry(resize)
+    geometry = InputGeometry(resize, parse_tiles(tiles) if tiles else TileSpec())
+    geometry = None if geometry.is_default else geometry
     tokens: list[list[np.ndarray]] = []
     embeddings, sizes, paths, views = [], [], [], []
     infer_s = 0.0
@@ -173,14 +176,17 @@ def run_config(cfg: Config, samples: list, workdir: Path, args: argparse.Namespa
     the rows of the output JSON (the features are extracted once for all radii)."""
     model, export_s, parity = export_config(cfg, workdir)
     rows = []
-    for resize in (r.strip() for r in args.resize.split(",") if r.strip()):
-        feats = extract(model, samples, args.device, args.batch, args.threads, resize)
+    geometries = [(r.strip(), t.strip() or None) for r in args.resize.split(",") if r.strip()
+                  for t in (args.tiles.split(",") if args.tiles else [""])]
+    for resize, tiles in geometries:
+        feats = extract(model, samples, args.device, args.batch, args.threads, resize, tiles)
         for radius in parse_radii(args.match_radius):
             row = score_config(cfg, samples, feats, args, radius)
-            row.update(resize=resize, export_s=round(export_s, 2), parity_max_abs_diff=float(f"{parity:.3g}"))
+            row.update(resize=resize, tiles=tiles, tile_match=args.tile_match if tiles else None,
+                       export_s=round(export_s, 2), parity_max_abs_diff=float(f"{parity:.3g}"))
             print("bench_quality: " + json.dumps({k: row[k] for k in (
-                "backbone", "layers", "image_size", "resize", "match_radius", "image_auroc", "pixel_auroc", "aupro",
-                "score_s_per_image")}), file=sys.stderr, flush=True)
+                "backbone", "layers", "image_size", "resize", "tiles", "match_radius", "image_auroc", "pixel_auroc",
+                "aupro", "score_s_per_image")}), file=sys.stderr, flush=True)
             rows.append(row)
         del feats
     model.unlink()
@@ -209,7 +215,7 @@ def score_config(cfg: Config, samples: list, feats: dict, args: argparse.Namespa
         from musc_edge.core.device import resolve_device
         from musc_edge.score.geometry import GeometryPool
 
-        pool = GeometryPool(feats["meta"], len(samples), feats["geometry"], "aligned", params,
+        pool = GeometryPool(feats["meta"], len(samples), feats["geometry"], args.tile_match, params,
                             device=resolve_device(args.score_device, "exact"))
         pool.add(feats["tokens"], feats["embedding"], views=[tuple(v) for v in feats["views"]])
         scores = pool.finish()
@@ -249,6 +255,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="feature extraction device (musc-edge --device) [cpu]")
     p.add_argument("--score-device", default="cpu", choices=("cpu", "cuda", "auto"), help="MuSc device [cpu]")
     p.add_argument("--resize", default="squash", help="comma-separated: squash, pad (score --resize) [squash]")
+    p.add_argument("--tiles", default="", help="comma-separated RxC[:overlap] (score --tiles); empty: none []")
+    p.add_argument("--tile-match", default="aligned", choices=("aligned", "any"), help="with --tiles [aligned]")
     p.add_argument("--match-radius", default="global",
                    help="comma-separated: global, or P (positional matching, MuscParams.match_radius) [global]")
     p.add_argument("--batch", type=int, default=8, help="feature batch size [8]")
