@@ -10,10 +10,11 @@ One builder serves every size: a variant is its width/depth multipliers (the coe
 ``efficientnet_lite_builder.py``), which :func:`scaled_stages` turns into the stage table
 :data:`ARCH_STAGES` with TF's rounding rules. The multipliers leave every stage stride unchanged.
 
-MuSc taps (MUSC_SPEC 1 token layout, docs/export.md "The graph"): by default the outputs of the
-stride-8 stage (stage 3) and of the stride-16 stage (stage 5). The token grid is that of the
-finest tapped stage, and coarser taps are resized bilinearly to it: 3,5 give a stride-8 grid (28 x
-28 at 224 px), stage 5 alone its own stride-16 grid (14 x 14), a sixteenth of MSM's pair work.
+MuSc taps (MUSC_SPEC 1 token layout, docs/export.md "The graph"): the registry's default is the
+stride-16 stage (stage 5) and the stride-32 stage (stage 7), chosen on MTD. The token grid is that
+of the finest tapped stage, and coarser taps are resized bilinearly to it: 5,7 give the stride-16
+grid (16 x 16 at 256 px), 3,5 a stride-8 grid (28 x 28 at 224 px, the first release's default),
+with four times the cells and sixteen times MSM's pair work.
 Each tap is emitted as (B, 1 + G*G, C) with a zero CLS slot. The
 embedding is the L2-normalised global average of the final 1280-channel head, so every stage is
 kept.
@@ -317,7 +318,7 @@ def build(spec: BackboneSpec, weights: WeightsChoice, image_size: int, layers: t
     shallow = [s for s in layers if net.stage_stride(s) < TOKEN_STRIDE]
     if shallow:
         raise InputError(f"--layers {','.join(map(str, shallow))}: {spec.name} stages 1-2 are finer than the "
-                         f"stride-{TOKEN_STRIDE} token grid; tap stages 3-7 (default 3,5)")
+                         f"stride-{TOKEN_STRIDE} token grid; tap stages 3-7 (default 5,7)")
     stride = grid_stride(net, layers)
     if image_size % stride or image_size < 2 * stride:
         raise InputError(f"--image-size {image_size} does not fit {spec.name} tapped at stages "

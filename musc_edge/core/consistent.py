@@ -320,8 +320,11 @@ def exclusion_matrix(groups: Sequence[Sequence[int]], n: int, links: np.ndarray 
     """(N, N) bool for ``score_tokens(exclude=...)``: True for every pair of images in one group.
 
     A group larger than ``max_fraction`` of the pool (only a chain of links makes one) keeps its
-    direct mutual edges instead (``links`` needed then), so each image keeps at least
-    ``(1 - max_fraction)`` of the pool to be scored by.
+    direct mutual edges instead (``links`` needed then). Every image then keeps at least
+    ``(1 - max_fraction)`` of the pool to be scored by: an image excluded from more than
+    ``max_clique(n)`` others (a hub of several overlapping groups) keeps only its strongest
+    exclusions, ``min(links[i, j], links[j, i])`` first (ties by image index), so the filter
+    never leaves an image without scorers.
     """
     exclude = np.zeros((n, n), dtype=bool)
     cap = options.max_clique(n) + 1
@@ -335,6 +338,13 @@ def exclusion_matrix(groups: Sequence[Sequence[int]], n: int, links: np.ndarray 
             sub = links[np.ix_(g, g)]
             exclude[np.ix_(g, g)] = (sub >= options.min_patches) & (sub.T >= options.min_patches)
     np.fill_diagonal(exclude, False)
+    limit = max(1, min(options.max_clique(n), n - 2))
+    for i in np.flatnonzero(exclude.sum(axis=1) > limit):
+        js = np.flatnonzero(exclude[i])
+        strength = np.minimum(links[i, js], links[js, i]) if links is not None else np.zeros(js.size)
+        keep = js[np.lexsort((js, -strength))[:limit]]  # strongest first, then the lower index
+        exclude[i] = False
+        exclude[i, keep] = True
     return exclude
 
 

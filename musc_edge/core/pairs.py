@@ -30,6 +30,8 @@ from typing import Any
 
 from array_api_compat import array_namespace, is_cupy_namespace, is_numpy_namespace
 
+from .errors import InputError
+
 #: Bytes of one chunk of the exact recompute's gathered rows: a few MB keeps them in a CPU's
 #: cache; on a GPU a chunk must instead be large enough to fill the device with one launch.
 RECOMPUTE_CHUNK_BYTES = 4 << 20
@@ -123,6 +125,7 @@ def block_minima(zi: Any, zj: Any, *, want_cols: bool = True, diagonal: bool = F
     """
     xp = array_namespace(zi, zj)
     chunk_bytes = recompute_chunk_bytes(xp) if chunk_bytes is None else int(chunk_bytes)
+    radius = check_radius(radius)
     band = None
     if radius is not None and not covers_grid(int(radius), zi.shape[1]):
         if prefers_offsets(int(radius), zi.shape[1]):
@@ -140,7 +143,9 @@ def block_minima(zi: Any, zj: Any, *, want_cols: bool = True, diagonal: bool = F
     zj_f = xp.reshape(zj, (bj * L, c))
     p = product(xp, zi_f, zj_f, precision)  # (bI*L, bJ*L): p[a*L+m, b*L+n] = z_a,m . z_b,n
     if band is not None:  # positional matching on the global product: cells beyond the radius never win
-        p = xp.reshape(xp.reshape(p, (bi, L, bj, L)) + band[None, :, None, :], (bi * L, bj * L))
+        p4 = xp.reshape(p, (bi, L, bj, L))
+        p4 += band[None, :, None, :]  # in place: no second product-sized array
+        p = xp.reshape(p4, (bi * L, bj * L))
     d_rows = _rows(xp, p, zi_f, zj_f, bi, bj, L, dev, chunk_bytes)
     d_cols = _cols(xp, p, zi_f, zj_f, bi, bj, L, dev, chunk_bytes) if want_cols else None
     inf = xp.asarray(math.inf, dtype=zi.dtype, device=dev)
@@ -152,6 +157,16 @@ def block_minima(zi: Any, zj: Any, *, want_cols: bool = True, diagonal: bool = F
     if diagonal:
         d_cols = xp.where(_self_mask(xp, bj, bi, L, dev), inf, d_cols)
     return rows, xp.permute_dims(xp.reshape(d_cols, (bi, bj, L)), (1, 2, 0))  # (bJ, L, bI)
+
+
+def check_radius(radius: Any) -> int | None:
+    """None (global) or an integer radius >= 0; anything else is an InputError (a negative or
+    fractional radius would otherwise match every patch to cell 0, or be truncated)."""
+    if radius is None:
+        return None
+    if isinstance(radius, bool) or not hasattr(radius, "__index__") or radius.__index__() < 0:
+        raise InputError(f"match_radius must be an integer >= 0 or None (global), got {radius!r}")
+    return radius.__index__()
 
 
 def grid_side(L: int) -> int:

@@ -155,6 +155,20 @@ class _Extraction:
     score_s: float  #: time spent in the pool scorer's ``add`` (streaming: the scoring itself)
 
 
+def _check_consistent_table(meta: Any, n_images: int, budget: int | None) -> None:
+    """``--repeated-defects filter`` keeps one (N, L, N) float32 table of nearest-patch distances
+    (musc_edge.core.consistent); over the memory budget it is refused in one line."""
+    from musc_edge.core.memory import default_budget
+
+    need = 4 * n_images * n_images * meta.grid * meta.grid
+    limit = budget if budget is not None else default_budget()
+    if limit is not None and need > limit:
+        gib = 1 << 30
+        raise InputError(f"--repeated-defects filter needs {need / gib:.1f} GiB for its distance table of {n_images} "
+                         f"images ({n_images} x {meta.grid * meta.grid} x {n_images} float32), over the budget of "
+                         f"{limit / gib:.1f} GiB; score fewer images at once, or raise --mem-budget")
+
+
 def score_folder(data_dir: str | Path, model_path: str | Path, out_dir: str | Path,
                  settings: ScoreSettings = ScoreSettings(), *, score_step: ScoreStep = batch_score_step,
                  extractor: Any = None) -> ScoreResult:
@@ -215,6 +229,8 @@ def score_folder(data_dir: str | Path, model_path: str | Path, out_dir: str | Pa
     extractor = load_model(model_path, settings.device) if own else extractor
     timings["load_model_s"] = time.perf_counter() - t
     try:
+        if consistent is not None:  # its (N, L, N) distance table is held whole: refuse before extracting
+            _check_consistent_table(extractor.meta, len(dataset.samples), settings.mem_budget_bytes)
         estimate_s = _warn_if_slow(settings, extractor.meta, len(dataset.samples), warnings)
         tally = _Tally()
         score_bar = _ProgressBar(settings.progress, desc="score", unit="MSM")

@@ -65,3 +65,12 @@ def test_filter_outside_batch_squash_is_one_line(tmp_path, model, capsys, extra)
                "filter", *extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "--repeated-defects filter" in err[0]
+
+
+def test_filter_over_the_memory_budget_is_one_line(tmp_path, model, capsys):
+    data = make_repeated(tmp_path / "cat", n_good=4, n_repeated=2)
+    rc = main(["score", str(data), "--model", str(model), "--out", str(tmp_path / "o"), "--repeated-defects",
+               "filter", "--mem-budget", "1KiB"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "distance table of 6 images" in err[0] and "--mem-budget" in err[0]
+    assert not (tmp_path / "o" / "scores.csv").exists()

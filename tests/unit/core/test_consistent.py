@@ -223,3 +223,21 @@ def test_table_through_array_api_strict():
     assert type(table).__module__.startswith("array_api_strict")
     np.testing.assert_array_equal(np.from_dlpack(table), distance_table(z))
     assert exclusions_from_table(table, options=OPTIONS)[1] == (tuple(group),)
+
+
+def test_a_hub_of_overlapping_groups_keeps_scorers() -> None:
+    """Two repeated defects sharing images (links 0-1, 0-2, 1-2, 1-3, 2-3) chain into one group
+    over half the pool; images 1 and 2 would be excluded by all others. Each row is capped at
+    max_clique(n) exclusions instead, so scoring never loses an image."""
+    from musc_edge.core.consistent import ConsistentOptions, exclusion_matrix
+    from musc_edge.core.msm import check_exclude
+
+    links = np.zeros((4, 4), np.int64)
+    for a, b in ((0, 1), (0, 2), (1, 2), (1, 3), (2, 3)):
+        links[a, b] = links[b, a] = 5
+    links[1, 2] = links[2, 1] = 9  # the strongest pair
+    opts = ConsistentOptions()
+    ex = exclusion_matrix([(0, 1, 2, 3)], 4, links, opts)
+    assert ex.sum(axis=1).max() <= max(1, min(opts.max_clique(4), 2))
+    assert ex[1, 2] and ex[2, 1]  # the strongest exclusion is kept
+    check_exclude(ex, 4)  # no image is left without another image to score it

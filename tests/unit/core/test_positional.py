@@ -202,3 +202,12 @@ def test_the_offset_rule_follows_the_measured_crossover(monkeypatch) -> None:
     pairs_rule = pairs.prefers_offsets
     assert pairs_rule(1, 16 * 16) and not pairs_rule(2, 16 * 16)  # 9 of 256 cells, not 25
     assert pairs_rule(3, 28 * 28) and not pairs_rule(4, 28 * 28)  # 49 of 784, not 81
+
+
+@pytest.mark.parametrize("radius", [-1, 0.7, True, "1"])
+def test_msm_and_the_kernel_refuse_a_bad_radius(radius) -> None:
+    z = unit(np.random.default_rng(0), 3)
+    with pytest.raises(InputError, match="match_radius"):
+        msm(z, radius=radius)
+    with pytest.raises(InputError, match="match_radius"):
+        block_minima(z, z, radius=radius)
