@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from musc_edge.core.errors import ImageDecodeError, InputError
-from musc_edge.core.scorer import upsample_map
+from musc_edge.core.scorer import linear_weights, upsample_map
 
 #: ``--resize`` values: ``squash`` (MUSC_SPEC 1, the default) or ``pad`` (aspect kept).
 RESIZE_MODES = ("squash", "pad")
@@ -178,15 +178,7 @@ def valid_cells(valid: Box, size: int, grid: int) -> np.ndarray:
 def _interp(n_in: int, n_out: int, start: float, stop: float) -> np.ndarray:
     """(n_out, n_in) linear-interpolation weights sampling positions start..stop (inclusive, evenly)."""
     src = np.full(n_out, float(start)) if n_out == 1 else np.linspace(start, stop, n_out)
-    src = np.clip(src, 0.0, n_in - 1)
-    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    frac = src - i0
-    m = np.zeros((n_out, n_in), dtype=np.float64)
-    rows = np.arange(n_out)
-    np.add.at(m, (rows, i0), 1.0 - frac)
-    np.add.at(m, (rows, i1), frac)
-    return m
+    return linear_weights(np.clip(src, 0.0, n_in - 1), n_in)
 
 
 def view_map(grid_map: np.ndarray, valid: Box, size: int, out_hw: tuple[int, int]) -> np.ndarray:

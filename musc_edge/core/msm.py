@@ -30,7 +30,8 @@ import numpy as np
 from array_api_compat import array_namespace, is_numpy_namespace
 
 from .errors import InputError
-from .pairs import block_minima, check_radius, interval_bounds, interval_mean, lane_count, prefers_offsets
+from .pairs import (block_minima, check_radius, covers_grid, interval_bounds, interval_mean, lane_count,
+                    prefers_offsets)
 from .params import DEFAULT_INTERVAL, MuscParams
 
 #: Largest product block (bytes) we aim for: big enough for BLAS to run at peak, small enough to
@@ -186,23 +187,17 @@ def msm(z: Any, interval: tuple[float, float] = DEFAULT_INTERVAL, *, mem_budget_
     if z.ndim != 3:
         raise InputError(f"msm needs (N, L, C) patch features, got shape {tuple(z.shape)}")
     n, L, _ = z.shape
-    lo, hi = check_interval(n, interval)
+    check_interval(n, interval)
     z = as_unit_float32(z)
     excl = None if exclude is None else check_exclude(exclude, n)
     radius = check_radius(radius)
-    if radius is not None:
-        from .pairs import covers_grid, grid_side
-
-        try:
-            grid_side(L)
-        except ValueError as e:
-            raise InputError(str(e)) from None
-        radius = None if covers_grid(int(radius), L) else int(radius)
+    if radius is not None and covers_grid(radius, L):  # the neighbourhood is the whole grid
+        radius = None
     gpu = not is_numpy_namespace(xp)
     offsets = radius is not None and prefers_offsets(radius, L)  # else the masked global product
     owner, bi, bj = plan(n, L, device_budget(xp, mem_budget_bytes) if gpu else mem_budget_bytes, gpu=gpu,
                          local=offsets)
-    parts = [_score_owner_block(xp, z, o0, min(n, o0 + owner), bi, bj, interval, precision, radius, excl)
+    parts = [_score_owner_block(xp, z, o0, min(n, o0 + owner), bi, bj, interval, precision, radius, excl, offsets)
              for o0 in range(0, n, owner)]
     return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
 
@@ -229,13 +224,14 @@ def _masked_interval_mean(xp: Any, table: Any, o0: int, excl: Any, interval: tup
 
 
 def _score_owner_block(xp: Any, z: Any, o0: int, o1: int, bi: int, bj: int, interval: tuple[float, float],
-                       precision: str = "exact", radius: int | None = None, excl: Any = None) -> Any:
+                       precision: str = "exact", radius: int | None = None, excl: Any = None,
+                       offsets: bool = False) -> Any:
     """Scores (o1 - o0, L) of images [o0, o1) against all images; pairs inside the block are
     multiplied once, pairs with images outside it in the row direction only."""
     n, L, _ = z.shape
     dev = getattr(z, "device", None)
     table = xp.full((o1 - o0, L, n), math.inf, dtype=xp.float32, device=dev)  # table[i - o0, m, j] = d_ij(m)
-    if radius is not None and prefers_offsets(radius, L):
+    if offsets:
         _fill_local(xp, z, table, o0, o1, bi, precision, radius)
     else:
         _fill_global(xp, z, table, o0, o1, bi, bj, precision, radius)

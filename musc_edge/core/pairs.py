@@ -173,7 +173,7 @@ def grid_side(L: int) -> int:
     """G of a square G x G patch grid of ``L`` patches (LNAMD keeps the backbone's square grid)."""
     g = math.isqrt(int(L))
     if g * g != int(L):
-        raise ValueError(f"positional matching needs a square patch grid, got L = {L} patches")
+        raise InputError(f"positional matching needs a square patch grid, got L = {L} patches")
     return g
 
 
@@ -271,18 +271,17 @@ def local_minima(zi: Any, zj: Any, radius: int, *, diagonal: bool = False, preci
 
 
 def _batched_product(xp: Any, a: Any, b: Any, precision: str) -> Any:
-    """(..., bI, C) x (..., bJ, C) -> (..., bI, bJ) products, as :func:`product` computes each."""
-    if precision == "exact":
-        return a @ xp.matrix_transpose(b)
-    if precision != "fast":
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    # FP16 operands, FP32 accumulation. The array API has no batched FP16 GEMM entry point, so
-    # on every library this rounds the operands and multiplies in FP32 (the same choices).
-    if not hasattr(xp, "float16"):
-        raise ValueError("precision 'fast' needs an array library with float16 (CuPy, numpy)")
-    a16 = xp.astype(xp.astype(a, xp.float16), xp.float32)
-    b16 = xp.astype(xp.astype(b, xp.float16), xp.float32)
-    return a16 @ xp.matrix_transpose(b16)
+    """(..., bI, C) x (..., bJ, C) -> (..., bI, bJ) products, as :func:`product` computes each.
+
+    :func:`product`'s cuBLAS FP16 path takes 2-D operands only, so on CuPy a batched ``fast``
+    product rounds the operands to FP16 and multiplies in FP32 (the same choices), as
+    :func:`product` does on every other library.
+    """
+    if precision == "fast" and is_cupy_namespace(xp):
+        a = xp.astype(xp.astype(a, xp.float16), xp.float32)
+        b = xp.astype(xp.astype(b, xp.float16), xp.float32)
+        precision = "exact"
+    return product(xp, a, b, precision)
 
 
 def _rows(xp: Any, p: Any, zi_f: Any, zj_f: Any, bi: int, bj: int, L: int, dev: Any, chunk_bytes: int) -> Any:

@@ -154,6 +154,13 @@ def _interp_matrix(n_in: int, n_out: int) -> np.ndarray:
         src = np.zeros(n_out)
     else:
         src = np.arange(n_out, dtype=np.float64) * ((n_in - 1) / (n_out - 1))
+    return linear_weights(src, n_in)
+
+
+def linear_weights(src: np.ndarray, n_in: int) -> np.ndarray:
+    """(len(src), n_in) linear-interpolation weights: row i samples the input at position src[i]
+    (in input cells; the two neighbours, clamped to the input)."""
+    n_out = len(src)
     i0 = np.clip(np.floor(src).astype(np.int64), 0, n_in - 1)
     i1 = np.minimum(i0 + 1, n_in - 1)
     frac = src - i0

@@ -56,7 +56,7 @@ from musc_edge.outputs import (RUN_SCALE, colour_range, heatmap_overlay, heatmap
                                write_csv, write_json, write_png)
 from musc_edge.runtime.geometry import InputGeometry, TileSpec
 
-from .geometry import GeometryPool, ImageMaps
+from .geometry import MSM_BUDGET_BYTES, GeometryPool, ImageMaps
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +75,6 @@ SLOW_SCORE_WARN_S = 600.0
 
 #: The window the warning suggests: O(N * 64) pair products instead of O(N^2).
 SUGGESTED_WINDOW = 64
-
-#: Extra memory MSM may take in batch mode (score_tokens' default ``mem_budget_bytes``); a
-#: distance table over it is scored in owner blocks that multiply most pairs twice (core/msm.py).
-_MSM_BUDGET_BYTES = 1 << 30
 
 #: Failed heatmap writes listed one by one in ``run.json``; the rest are counted in one line.
 _MAX_HEATMAP_WARNINGS = 20
@@ -355,7 +351,7 @@ def estimate_score_seconds(n_images: int, meta: ModelMeta, params: MuscParams, d
     pairs = n_images * (n_images - 1) / 2
     if window is not None and n_images > window:  # up to one window it is one batch pool
         pairs = float(n_images * window)
-    elif 4.0 * n_images * n_images * patches > _MSM_BUDGET_BYTES:
+    elif 4.0 * n_images * n_images * patches > MSM_BUDGET_BYTES:  # owner blocks: most pairs twice (core/msm.py)
         pairs *= 2
     rate = SCORE_RATE_FLOPS.get(device_name, SCORE_RATE_FLOPS["cpu"])
     return pairs * flop_per_pair / rate
